@@ -81,3 +81,15 @@ def test_module_entry_point_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown function 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_landscapes_experiment_quick(tmp_path):
+    from experiments.landscapes import main as experiment
+
+    assert experiment(["--quick", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "- git commit:" in table and "- machine:" in table and "- command:" in table
+    assert table.count("| multimodal |") == 3
+    with Image.open(tmp_path / "multimodal_race.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames >= 2
+    assert (tmp_path / "multimodal_race.gif").stat().st_size < 2_000_000

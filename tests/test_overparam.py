@@ -54,3 +54,13 @@ def test_bad_config_is_refused():
         run(OverparamConfig("qubic", (3.0,), "direct"))
     with pytest.raises(ValueError, match="dimension 2 only, got dimension 1"):
         run(OverparamConfig("six-hump-camel", (2.0,), "direct"))
+
+
+def test_overparam_experiment_quick(tmp_path):
+    from experiments.overparam import main as experiment
+
+    assert experiment(["--quick", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "- git commit:" in table and "- machine:" in table
+    assert table.count("| Ackley 1-D, x0 = 10 |") == 3 and table.count("| qubic, x0 = 0.96 |") == 3
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 10
