@@ -44,14 +44,14 @@ class Setup:
     optimizers: list[str] = field(default_factory=lambda: list(FAMILY))
 
     def argv(self, out: Path, steps: int | None = None, frames: int = 60) -> list[str]:
-        argv = ["--function", self.function, "--start", self.start, "--steps", str(steps or self.steps),
+        argv = ["--function", self.function, f"--start={self.start}", "--steps", str(steps or self.steps),
                 "--optimizers", ",".join(self.optimizers), "--clip-grad-norm", "5", "--out", str(out), "--dpi", "80",
                 "--frames", str(frames), "--lr", f"rso={self.rso_sigma}"]
         for name, lr in DEFAULT_LRS.items():
             if name in self.optimizers:
                 argv += ["--lr", f"{name}={lr * self.lr_scale:g}"]
         if self.extent:
-            argv += ["--extent", self.extent]
+            argv += [f"--extent={self.extent}"]
         if self.gif:
             argv.append("--gif")
         return argv
@@ -59,7 +59,7 @@ class Setup:
 
 SETUPS = [
     Setup("multimodal", "0.6pi,1.9pi", 300, 1.0, 1.0, gif=True),
-    Setup("himmelblau", "-0.5,-5", 100, 0.1, 1.0, gif=True),
+    Setup("himmelblau", "-0.5,-5", 100, 0.1, 1.0),
     Setup("six-hump-camel", "2,2", 100, 0.1, 0.5, extent="-2.5,2.5,-1.5,2.5"),
     Setup("rosenbrock", "-1.5,2.5", 300, 0.02, 0.5, extent="-2,2,-1,3"),
     Setup("rastrigin", "4.2,3.6", 100, 0.1, 1.0),
