@@ -1,0 +1,198 @@
+"""One typed config for a training run; argparse flags override its defaults; the resolved config is saved."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+
+from rso.models import MODELS
+from rso.search.candidates import SAMPLERS
+from rso.search.loop import CHUNKINGS
+from rso.search.visit import ORDERS
+
+OPTIMIZERS = {"rso": "random search optimization (gradient-free)",
+              "sgd": "backprop, SGD with momentum", "adam": "backprop, Adam"}
+# Flags a resumed run may change; everything else comes from its checkpoint.
+RESUMABLE_OVERRIDES = {"cycles", "epochs", "device", "progress", "run_dir", "data_dir", "eval_every",
+                       "max_seconds", "threads", "resume", "resume_if_exists", "name", "engine"}
+
+
+@dataclass
+class TrainConfig:
+    # what is trained
+    model: str = "oneconv"
+    widths: tuple[int, ...] = (128,)       # mlp hidden widths
+    depth: int = 6                         # convnet conv layers
+    channels: int = 16                     # convnet channels
+    optimizer: str = "rso"
+    # data
+    data_dir: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    batch_size: int = 1000
+    # RSO
+    cycles: int = 10
+    anneal: bool = True
+    final_sigma_fraction: float = 0.1
+    bn_sigma: float = 0.167
+    weight_decay: float = 0.0
+    sampler: str = "gaussian"
+    order: str = "output-first"
+    chunking: str = "per-visit"
+    engine: str = "auto"
+    # backprop
+    epochs: int = 5
+    lr: float = 0.05
+    momentum: float = 0.9
+    # numerics and machine
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    # evaluation and stopping
+    eval_every: str = "sweep"              # "sweep" or "cycle" (RSO); backprop evaluates every epoch
+    bn_samples: int = 10000                # training examples for BN recalibration before each evaluation
+    target_accuracy: float | None = None   # stop once test accuracy exceeds this
+    max_seconds: float | None = None       # wall-time cap (counts time across resumes)
+    # the run
+    run_dir: str = "runs"
+    name: str | None = None
+    resume: str | None = None
+    resume_if_exists: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, n_train: int | None = None) -> None:
+        """Raise ValueError naming the bad field; ``n_train`` checks the batch size against the data."""
+        checks = [
+            (self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
+            (self.batch_size >= 1, f"batch size must be positive, got {self.batch_size}"),
+            (self.cycles >= 1, f"cycles must be positive, got {self.cycles}"),
+            (self.epochs >= 1, f"epochs must be positive, got {self.epochs}"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (0 <= self.weight_decay < 1, f"weight decay must be in [0, 1), got {self.weight_decay}"),
+            (0 < self.final_sigma_fraction <= 1, f"final sigma fraction must be in (0, 1], got {self.final_sigma_fraction}"),
+            (self.bn_sigma > 0, f"bn sigma must be positive, got {self.bn_sigma}"),
+            (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
+            (self.order in ORDERS, f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}"),
+            (self.chunking in CHUNKINGS, f"unknown chunking {self.chunking!r}; choose one of {', '.join(CHUNKINGS)}"),
+            (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"unknown device {self.device!r}"),
+            (self.eval_every in ("sweep", "cycle"), f"eval-every must be sweep or cycle, got {self.eval_every!r}"),
+            (self.bn_samples >= 1, f"bn samples must be positive, got {self.bn_samples}"),
+            (self.threads is None or self.threads >= 1, f"threads must be positive, got {self.threads}"),
+            (self.train_subset is None or 1 <= self.train_subset <= 60000, f"train subset must be in 1..60000, got {self.train_subset}"),
+            (self.test_subset is None or 1 <= self.test_subset <= 10000, f"test subset must be in 1..10000, got {self.test_subset}"),
+            (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be positive, got {self.max_seconds}"),
+            (self.target_accuracy is None or 0 < self.target_accuracy <= 1, f"target accuracy must be in (0, 1], got {self.target_accuracy}"),
+            (all(width >= 1 for width in self.widths), f"widths must be positive, got {list(self.widths)}"),
+            (1 <= self.depth <= 6, f"depth must be in 1..6, got {self.depth}"),
+            (self.channels >= 1, f"channels must be positive, got {self.channels}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if n_train is not None and self.batch_size > n_train:
+            raise ValueError(f"batch size {self.batch_size} is larger than the training set ({n_train} examples)")
+
+    def model_options(self) -> dict:
+        return {"widths": tuple(self.widths), "depth": self.depth, "channels": self.channels}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["widths"] = list(self.widths)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if "widths" in values:
+            values["widths"] = tuple(values["widths"])
+        return cls(**values)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"widths must be positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags default to SUPPRESS, so the namespace holds exactly what the user gave."""
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m rso.train", argument_default=argparse.SUPPRESS,
+        description="Train a network on MNIST by RSO (gradient-free) or by backprop (SGD/Adam baseline).")
+    add = parser.add_argument
+    group = parser.add_argument_group("model and optimizer")
+    group.add_argument("--model", choices=list(MODELS), help=f"model from the registry (default {defaults.model})")
+    group.add_argument("--widths", type=_widths, help="mlp hidden widths, e.g. 256,128 (default 128)")
+    group.add_argument("--depth", type=int, help="convnet: number of conv layers 1..6 (default 6)")
+    group.add_argument("--channels", type=_positive_int, help="convnet: channels (default 16)")
+    group.add_argument("--optimizer", choices=list(OPTIMIZERS), help="rso, or the sgd/adam backprop baselines (default rso)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", dest="data_dir", help="folder holding MNIST/raw (default $RSO_DATA_DIR, else ./data)")
+    group.add_argument("--train-subset", dest="train_subset", type=_positive_int, help="use the first N training examples")
+    group.add_argument("--test-subset", dest="test_subset", type=_positive_int, help="use the first N test examples")
+    group.add_argument("--batch-size", dest="batch_size", type=int, help=f"mini-batch (RSO chunk) size (default {defaults.batch_size})")
+    group = parser.add_argument_group("RSO")
+    group.add_argument("--cycles", type=int, help=f"RSO cycles over all weights (default {defaults.cycles})")
+    group.add_argument("--no-anneal", dest="anneal", action="store_false", help="keep sigma constant")
+    group.add_argument("--final-sigma-fraction", dest="final_sigma_fraction", type=float, help="anneal sigma linearly to this fraction (default 0.1)")
+    group.add_argument("--bn-sigma", dest="bn_sigma", type=float, help="fixed sigma for BN gamma/beta (default 0.167)")
+    group.add_argument("--weight-decay", dest="weight_decay", type=float, help="RSO: decay the current weight on each visit (default 0; authors' code 1e-4)")
+    group.add_argument("--sampler", choices=list(SAMPLERS), help="distribution of dw (default gaussian)")
+    group.add_argument("--order", choices=list(ORDERS), help="layer visiting order (default output-first)")
+    group.add_argument("--chunking", choices=list(CHUNKINGS), help="a fresh chunk per weight visit (default) or one chunk per sweep")
+    group.add_argument("--engine", help="candidate scoring engine: auto, reference, fast (default auto)")
+    group = parser.add_argument_group("backprop baseline")
+    group.add_argument("--epochs", type=int, help=f"backprop epochs (default {defaults.epochs})")
+    group.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
+    group.add_argument("--momentum", type=float, help=f"SGD momentum (default {defaults.momentum})")
+    group = parser.add_argument_group("numerics and machine")
+    group.add_argument("--dtype", choices=["float32", "float64"], help="model and data precision (default float32)")
+    group.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when available)")
+    group.add_argument("--threads", type=_positive_int, help="torch/numba threads (default: all cores)")
+    group.add_argument("--seed", type=int, help="seed for init, shuffles and steps (default 0)")
+    group = parser.add_argument_group("evaluation and stopping")
+    group.add_argument("--eval-every", dest="eval_every", choices=["sweep", "cycle"], help="RSO: evaluate after every layer sweep (default) or cycle")
+    group.add_argument("--bn-samples", dest="bn_samples", type=_positive_int, help="training examples used to recompute BN statistics before each evaluation (the final one uses all)")
+    group.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="stop once test accuracy exceeds this (0..1)")
+    group.add_argument("--max-seconds", dest="max_seconds", type=float, help="stop after this much training time")
+    group = parser.add_argument_group("the run")
+    group.add_argument("--run-dir", dest="run_dir", help="parent folder of runs (default runs)")
+    group.add_argument("--name", help="run name (default: model-optimizer-time); an existing name gets a suffix")
+    group.add_argument("--resume", help="continue the run in this folder (or from this checkpoint.pt)")
+    group.add_argument("--resume-if-exists", dest="resume_if_exists", action="store_true", help="resume run-dir/name if it has a checkpoint, else start it")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    del add
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict, argparse.ArgumentParser]:
+    """Parse flags into a config; also return the flags the user actually gave (for resuming)."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    config = TrainConfig(**given)
+    try:
+        config.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    return config, given, parser

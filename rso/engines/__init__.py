@@ -1,0 +1,28 @@
+"""Where a candidate is scored: interchangeable engines behind :class:`ScoringEngine`, chosen by name."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from rso.engines.base import ChunkPartition, ScoringEngine, batch_statistics, summed_cross_entropy
+from rso.engines.reference import ReferenceEngine
+
+# name -> (factory, one-line description)
+ENGINES: dict[str, tuple[Callable[..., ScoringEngine], str]] = {
+    "reference": (ReferenceEngine, "one full forward pass per candidate; any model; the test oracle"),
+}
+
+
+def make_engine(name: str, model: nn.Module | None = None, **options) -> ScoringEngine:
+    """Build engine ``name``; ``auto`` picks the fast engine where it supports ``model``, else the reference."""
+    if name == "auto":
+        name = "fast" if "fast" in ENGINES and model is not None and ENGINES["fast"][0].supports(model) else "reference"
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose one of auto, {', '.join(ENGINES)}")
+    return ENGINES[name][0](**options)
+
+
+__all__ = ["ENGINES", "ChunkPartition", "ReferenceEngine", "ScoringEngine", "batch_statistics", "make_engine",
+           "summed_cross_entropy"]

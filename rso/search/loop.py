@@ -1,0 +1,128 @@
+"""One layer sweep of RSO: the search loop every engine plugs into.
+
+For the target tensor ``W`` of a layer, with its annealed sigma::
+
+    partition <- the training set shuffled and cut into chunks of batch_size
+    for j, weight w_j of W in row-major order:
+        (x, l) <- chunk j mod n_chunks            (or chunk 0 for the whole sweep, an ablation)
+        dw     ~ sampler(sigma)                   (Gaussian by default)
+        w0     <- w_j * (1 - weight_decay)
+        w_j    <- argmin over [w0, w0 + dw, w0 - dw] of F(x, l, W)   (ties keep w0)
+
+All randomness of a sweep (the shuffle and every dw) is drawn from the caller's ``torch.Generator`` at the
+start of the sweep, so the result does not depend on the engine, and a run resumed at a sweep boundary
+continues exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rso.engines.base import ChunkPartition, ScoringEngine
+from rso.search.candidates import Sampler, candidate_values, select_candidate
+from rso.search.visit import SearchTarget
+
+CHUNKINGS = ("per-visit", "per-sweep")
+N_CANDIDATES = 3
+
+
+class NonFiniteLossError(RuntimeError):
+    """Every candidate of a visit scored NaN or infinity: the search cannot go on."""
+
+
+@dataclass
+class SweepStats:
+    target: str
+    sigma: float
+    visits: int = 0
+    accepted: int = 0
+    loss_sum: float = 0.0        # sum over visits of the chosen candidate's mean loss on its chunk
+    forward_samples: int = 0     # examples passed through the network, counted as full forward passes
+    seconds: float = 0.0
+
+    @property
+    def accept_rate(self) -> float:
+        return self.accepted / self.visits if self.visits else 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.visits if self.visits else float("nan")
+
+
+# progress(visits_done_in_this_call, last_mean_loss, accepted_in_this_call)
+Progress = Callable[[int, float, int], None]
+
+
+def draw_sweep(target: SearchTarget, n_examples: int, batch_size: int, sigma: float, sampler: Sampler,
+               generator: torch.Generator, chunking: str = "per-visit") -> tuple[ChunkPartition, torch.Tensor, torch.Tensor]:
+    """The sweep's randomness: the chunk partition, each visit's chunk, and each visit's step dw."""
+    if chunking not in CHUNKINGS:
+        raise ValueError(f"unknown chunking {chunking!r}; choose one of {', '.join(CHUNKINGS)}")
+    partition = ChunkPartition(torch.randperm(n_examples, generator=generator), batch_size)
+    steps = sampler(sigma, target.numel, generator)
+    if chunking == "per-visit":
+        chunks = torch.arange(target.numel) % partition.n_chunks
+    else:
+        chunks = torch.zeros(target.numel, dtype=torch.long)
+    return partition, chunks, steps
+
+
+def run_sweep(model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
+              engine: ScoringEngine, *, sigma: float, batch_size: int, sampler: Sampler,
+              generator: torch.Generator, weight_decay: float = 0.0, chunking: str = "per-visit",
+              progress: Progress | None = None) -> SweepStats:
+    """Visit every element of ``target`` once; returns the sweep's counts. See the module docstring."""
+    start = time.perf_counter()
+    partition, chunks, steps = draw_sweep(target, len(labels), batch_size, sigma, sampler, generator, chunking)
+    partition.order = partition.order.to(images.device)
+    stats = SweepStats(target.name, sigma)
+    engine.begin_sweep(model, target, images, labels, partition)
+    try:
+        fused = getattr(engine, "run_sweep", None)
+        if fused is not None:
+            fused(chunks, steps, weight_decay, stats, progress)
+        else:
+            visit_each_weight(engine, target, chunks, steps, weight_decay, stats, progress)
+    finally:
+        engine.end_sweep()
+    stats.forward_samples = stats.visits * N_CANDIDATES * batch_size
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch.Tensor, steps: torch.Tensor,
+                      weight_decay: float, stats: SweepStats, progress: Progress | None,
+                      report_every: int = 16) -> None:
+    """The plain per-weight loop over ``engine.score`` / ``engine.commit``."""
+    flat = target.parameter.data.view(-1)
+    batch_size = engine.partition.batch_size
+    dtype = target.parameter.dtype
+    pending_visits = pending_accepted = 0
+    steps_list, chunks_list = steps.tolist(), chunks.tolist()
+    for index in range(target.numel):
+        chunk = chunks_list[index]
+        current = flat[index].item()
+        values = candidate_values(current, steps_list[index], weight_decay).to(dtype).to(torch.float64)
+        losses = engine.score(index, values, chunk)
+        choice = select_candidate(losses)
+        if choice < 0:
+            raise NonFiniteLossError(
+                f"every candidate loss is non-finite at {target.name}[{index}] (losses {losses.tolist()}); "
+                "the weights or the learning setup diverged")
+        chosen = values[choice].item()
+        if chosen != current:
+            flat[index] = chosen
+            engine.commit(index, chosen, chunk)
+        stats.visits += 1
+        stats.accepted += choice != 0
+        stats.loss_sum += losses[choice].item() / batch_size
+        pending_visits += 1
+        pending_accepted += choice != 0
+        if progress is not None and (pending_visits >= report_every or index == target.numel - 1):
+            progress(pending_visits, losses[choice].item() / batch_size, pending_accepted)
+            pending_visits = pending_accepted = 0

@@ -1,0 +1,312 @@
+"""``python -m rso.train``: train a model on MNIST by RSO or by backprop, with a self-describing run folder.
+
+Public API: :func:`train` takes a :class:`~rso.config.TrainConfig` and returns the final metrics.
+Every layer sweep (RSO) or epoch (backprop) ends with an evaluation, a summary line, TensorBoard scalars and
+an atomic checkpoint; ``--resume`` continues from the last one and ends with exactly the weights an
+uninterrupted run with the same seed would have (on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rso.baselines import make_optimizer, train_epoch
+from rso.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from rso.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
+from rso.data import MNIST, DataError, load_mnist
+from rso.engines import ENGINES, make_engine
+from rso.evaluate import evaluate, recalibrate_batchnorm
+from rso.models import build_model, count_weights
+from rso.runs import RunLogger, unique_run_dir
+from rso.search.candidates import get_sampler
+from rso.search.loop import NonFiniteLossError, run_sweep
+from rso.search.schedule import annealed_sigma
+from rso.search.visit import visit_order
+from rso.stopping import StoppingCriteria
+
+
+class RunError(RuntimeError):
+    """A run cannot start or go on; the message says why (and where the last checkpoint is)."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what resumes it, and the counters a fair comparison needs."""
+
+    cycle: int = 0                # RSO: next cycle; backprop: next epoch
+    target_index: int = 0         # RSO: next sweep within the cycle
+    visits: int = 0               # scalar weight visits (RSO) or scalar weight updates (backprop)
+    accepted: int = 0             # RSO: visits that changed the weight to a new candidate
+    forward_samples: int = 0      # examples through a forward pass (backprop: forward + backward count 2)
+    optimizer_steps: int = 0      # backprop steps
+    seconds: float = 0.0          # training time, summed over resumes
+    history: list = field(default_factory=list)  # per evaluation: dict of counters and metrics
+
+    def state(self) -> dict:
+        return dict(self.__dict__)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for, but CUDA is not available here (use --device cpu or auto)")
+    return device
+
+
+def resolve_resume(config: TrainConfig, given: dict) -> tuple[TrainConfig, dict | None, Path | None]:
+    """The config to run and the checkpoint to continue from, if any."""
+    source = config.resume
+    if source is None and config.resume_if_exists and config.name:
+        existing = Path(config.run_dir) / config.name / "checkpoint.pt"
+        source = str(existing) if existing.is_file() else None
+    if source is None:
+        return config, None, None
+    state = load_checkpoint(source)
+    saved = TrainConfig.from_dict(state["config"])
+    conflicts = [key for key, value in given.items()
+                 if key not in RESUMABLE_OVERRIDES and getattr(saved, key) != value]
+    if conflicts:
+        flags = ", ".join("--" + key.replace("_", "-") for key in conflicts)
+        raise RunError(f"cannot change {flags} when resuming {checkpoint_path(source)}; "
+                       f"resumable overrides: --cycles, --epochs, --device, --engine, --eval-every, --max-seconds")
+    overrides = {key: value for key, value in given.items() if key in RESUMABLE_OVERRIDES - {"resume", "name", "run_dir"}}
+    resumed = TrainConfig.from_dict({**saved.to_dict(), **overrides})
+    return resumed, state, checkpoint_path(source).parent
+
+
+class Trainer:
+    """Holds a run's model, data, logger and progress; ``run()`` trains to the end or a stopping criterion."""
+
+    def __init__(self, config: TrainConfig, given: dict | None = None, argv: list[str] | None = None,
+                 data: MNIST | None = None):
+        given = given or {}
+        config, state, folder = resolve_resume(config, given)
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = select_device(config.device)
+        self.dtype = getattr(torch, config.dtype)
+        if data is None:
+            data = load_mnist(config.data_dir, config.train_subset, config.test_subset)
+        config.validate(n_train=len(data.train_labels))
+        self.data = data.to(self.device, self.dtype)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.model = build_model(config.model, self.generator, **config.model_options()).to(self.device, self.dtype)
+        self.progress = Progress()
+        self.stopping = StoppingCriteria(metric_above=config.target_accuracy, max_seconds=config.max_seconds)
+        self.optimizer = None
+        if config.optimizer != "rso":
+            self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.momentum)
+        if state is not None:
+            self._restore(state)
+            self.folder = folder
+        else:
+            self.folder = unique_run_dir(config.run_dir, config.name or
+                                         f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.logger = RunLogger(self.folder, printer=tqdm.write)
+        self.logger.describe(config.to_dict(), self.device, argv, {"resumed_from": self.progress.state()["visits"]
+                                                                    if state is not None else None})
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        return {"model": self.model.state_dict(), "config": self.config.to_dict(), "progress": self.progress.state(),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "stopping": self.stopping.state_dict()}
+
+    def save(self) -> None:
+        save_checkpoint(self.checkpoint_state(), self.folder / "checkpoint.pt")
+
+    def _restore(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.progress = Progress(**state["progress"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if self.optimizer is not None and state.get("optimizer"):
+                self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("stopping"):
+                self.stopping.load_state_dict(state["stopping"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint does not fit this run: {str(error).splitlines()[0]}") from None
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, full: bool = False) -> tuple[float, float]:
+        """Recompute BN statistics (all training examples if ``full``, else ``bn_samples``), then test."""
+        images = self.data.train_images if full else self.data.train_images[: self.config.bn_samples]
+        recalibrate_batchnorm(self.model, images)
+        return evaluate(self.model, self.data.test_images, self.data.test_labels)
+
+    def record(self, step: int, train_loss: float, accuracy: float, test_loss: float, **extra) -> None:
+        log = self.logger.scalar
+        log("train/loss", train_loss, step)
+        log("test/accuracy", accuracy, step)
+        log("test/loss", test_loss, step)
+        log("counters/forward_samples", self.progress.forward_samples, step)
+        log("counters/seconds", self.progress.seconds, step)
+        self.progress.history.append({"step": step, "seconds": round(self.progress.seconds, 3),
+                                      "forward_samples": self.progress.forward_samples,
+                                      "accepted": self.progress.accepted, "train_loss": train_loss,
+                                      "test_accuracy": accuracy, "test_loss": test_loss, **extra})
+
+    # ---- training --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self.stopping.start()
+        try:
+            reason = self._run_rso() if self.config.optimizer == "rso" else self._run_backprop()
+        except KeyboardInterrupt:
+            raise RunError(f"interrupted; the last checkpoint is {self.folder / 'checkpoint.pt'} "
+                           f"(resume with --resume {self.folder})") from None
+        except (NonFiniteLossError, FloatingPointError) as error:
+            raise RunError(f"{error}; the last good checkpoint is {self.folder / 'checkpoint.pt'}") from None
+        accuracy, test_loss = self.evaluate(full=True)
+        self.save()  # the final BN statistics go into the checkpoint that is evaluated independently
+        metrics = {"test_accuracy": accuracy, "test_loss": test_loss, "visits": self.progress.visits,
+                   "accepted": self.progress.accepted, "forward_samples": self.progress.forward_samples,
+                   "optimizer_steps": self.progress.optimizer_steps, "seconds": round(self.progress.seconds, 2),
+                   "cycles_done" if self.config.optimizer == "rso" else "epochs_done": self.progress.cycle,
+                   "stopped_by": reason, "wall_seconds_this_session": round(time.perf_counter() - started, 2)}
+        self.logger.line(f"final: test accuracy {accuracy:.4f}, test loss {test_loss:.4f} "
+                         f"(BN statistics over all {len(self.data.train_labels)} training examples); "
+                         f"run folder {self.folder}" + (f"; stopped: {reason}" if reason else ""))
+        self.logger.finish({key: value for key, value in self.config.to_dict().items()
+                            if key not in ("extra", "widths")}, metrics)
+        return metrics
+
+    def _stop_reason(self, loss: float, accuracy: float | None) -> str | None:
+        return self.stopping.update(self.progress.visits, loss, accuracy)
+
+    def _run_rso(self) -> str | None:
+        config, progress = self.config, self.progress
+        engine = make_engine(config.engine, self.model)
+        if config.engine == "auto":
+            self.logger.line(f"engine: {engine.name} (auto)")
+        targets = visit_order(self.model, config.order, config.bn_sigma)
+        sampler = get_sampler(config.sampler)
+        per_cycle = sum(target.numel for target in targets)
+        self.logger.line(f"RSO on {config.model}: {per_cycle} weights a cycle in {len(targets)} tensors, "
+                         f"{config.cycles} cycles, batch {config.batch_size}, device {self.device}, {config.dtype}")
+        bar = tqdm(total=config.cycles * per_cycle, initial=progress.visits, unit="visit", dynamic_ncols=True,
+                   disable=not config.progress, smoothing=0.05)
+
+        def on_progress(visits: int, loss: float, accepted: int) -> None:
+            bar.update(visits)
+            bar.set_postfix(loss=f"{loss:.4f}", accept=f"{accepted / max(visits, 1):.2f}", refresh=False)
+
+        try:
+            while progress.cycle < config.cycles:
+                cycle = progress.cycle
+                while progress.target_index < len(targets):
+                    target = targets[progress.target_index]
+                    sigma = annealed_sigma(target.sigma, cycle, config.cycles, config.final_sigma_fraction, config.anneal)
+                    sweep_start = time.perf_counter()
+                    stats = run_sweep(self.model, target, self.data.train_images, self.data.train_labels, engine,
+                                      sigma=sigma, batch_size=config.batch_size, sampler=sampler,
+                                      generator=self.generator, weight_decay=config.weight_decay,
+                                      chunking=config.chunking, progress=on_progress)
+                    progress.visits += stats.visits
+                    progress.accepted += stats.accepted
+                    progress.forward_samples += stats.forward_samples
+                    progress.target_index += 1
+                    last_of_cycle = progress.target_index == len(targets)
+                    if last_of_cycle:
+                        progress.cycle, progress.target_index = cycle + 1, 0
+                    step = progress.visits
+                    self.logger.scalar(f"rso/accept_rate/{target.name}", stats.accept_rate, step)
+                    self.logger.scalar(f"rso/sigma/{target.name}", sigma, step)
+                    self.logger.scalar("counters/accepted", progress.accepted, step)
+                    accuracy = None
+                    progress.seconds += time.perf_counter() - sweep_start
+                    if config.eval_every == "sweep" or last_of_cycle:
+                        accuracy, test_loss = self.evaluate()
+                        self.record(step, stats.mean_loss, accuracy, test_loss, cycle=cycle, target=target.name)
+                    else:
+                        self.logger.scalar("train/loss", stats.mean_loss, step)
+                    self.logger.line(
+                        f"cycle {cycle + 1}/{config.cycles} {target.name:<12} sigma {sigma:.4f} "
+                        f"accept {stats.accept_rate:.3f} loss {stats.mean_loss:.4f}"
+                        + (f" test acc {accuracy:.4f}" if accuracy is not None else "")
+                        + f" ({stats.seconds:.1f} s, {progress.seconds:.0f} s total)")
+                    self.save()
+                    reason = self._stop_reason(stats.mean_loss, accuracy)
+                    if reason:
+                        return reason
+                    if last_of_cycle:
+                        break
+        finally:
+            bar.close()
+        return None
+
+    def _run_backprop(self) -> str | None:
+        config, progress = self.config, self.progress
+        n_weights = count_weights(self.model)
+        steps_per_epoch = len(self.data.train_labels) // config.batch_size
+        self.logger.line(f"{config.optimizer} on {config.model}: {n_weights} weights, {config.epochs} epochs of "
+                         f"{steps_per_epoch} steps, batch {config.batch_size}, lr {config.lr}, device {self.device}")
+        bar = tqdm(total=config.epochs * steps_per_epoch, initial=progress.optimizer_steps, unit="step",
+                   dynamic_ncols=True, disable=not config.progress)
+
+        def on_progress(loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+        try:
+            while progress.cycle < config.epochs:
+                epoch_start = time.perf_counter()
+                loss, steps = train_epoch(self.model, self.optimizer, self.data.train_images, self.data.train_labels,
+                                          config.batch_size, self.generator, on_progress)
+                progress.optimizer_steps += steps
+                progress.visits += steps * n_weights
+                progress.forward_samples += 2 * steps * config.batch_size
+                progress.cycle += 1
+                progress.seconds += time.perf_counter() - epoch_start
+                accuracy, test_loss = self.evaluate()
+                self.record(progress.visits, loss, accuracy, test_loss, epoch=progress.cycle)
+                self.logger.line(f"epoch {progress.cycle}/{config.epochs} loss {loss:.4f} test acc {accuracy:.4f} "
+                                 f"({progress.seconds:.0f} s total)")
+                self.save()
+                reason = self._stop_reason(loss, accuracy)
+                if reason:
+                    return reason
+        finally:
+            bar.close()
+        return None
+
+
+def train(config: TrainConfig, given: dict | None = None, argv: list[str] | None = None,
+          data: MNIST | None = None) -> dict:
+    """Train as ``config`` says and return the final metrics (see :class:`Trainer`)."""
+    trainer = Trainer(config, given, argv, data)
+    try:
+        return trainer.run()
+    finally:
+        trainer.logger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, given, parser = parse_args(argv)
+    if config.engine not in ("auto", *ENGINES):
+        parser.error(f"unknown engine {config.engine!r}; choose one of auto, {', '.join(ENGINES)}")
+    try:
+        train(config, given, argv)
+    except ValueError as error:       # config checks that need the data (batch size vs training set)
+        parser.error(str(error))
+    except (DataError, CheckpointError, RunError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
