@@ -182,7 +182,7 @@ class Trainer:
                          f"run folder {self.folder}" + (f"; stopped: {reason}" if reason else ""))
         self.logger.finish({key: value for key, value in self.config.to_dict().items()
                             if key not in ("extra", "widths")}, metrics)
-        return metrics
+        return {**metrics, "run_folder": str(self.folder), "history": list(self.progress.history)}
 
     def _stop_reason(self, loss: float, accuracy: float | None) -> str | None:
         return self.stopping.update(self.progress.visits, loss, accuracy)
