@@ -13,7 +13,7 @@ from rso.search.visit import ORDERS
 OPTIMIZERS = {"rso": "random search optimization (gradient-free)",
               "sgd": "backprop, SGD with momentum", "adam": "backprop, Adam"}
 # Flags a resumed run may change; everything else comes from its checkpoint.
-RESUMABLE_OVERRIDES = {"cycles", "epochs", "device", "progress", "run_dir", "data_dir", "eval_every",
+RESUMABLE_OVERRIDES = {"cycles", "epochs", "device", "progress", "run_dir", "data_dir", "download", "eval_every",
                        "max_seconds", "threads", "resume", "resume_if_exists", "name", "engine"}
 
 
@@ -27,6 +27,7 @@ class TrainConfig:
     optimizer: str = "rso"
     # data
     data_dir: str | None = None
+    download: bool = True                  # fetch MNIST when missing and the network allows
     train_subset: int | None = None
     test_subset: int | None = None
     batch_size: int = 1000
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--optimizer", choices=list(OPTIMIZERS), help="rso, or the sgd/adam backprop baselines (default rso)")
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", dest="data_dir", help="folder holding MNIST/raw (default $RSO_DATA_DIR, else ./data)")
+    group.add_argument("--no-download", dest="download", action="store_false", help="never download MNIST; fail if it is missing")
     group.add_argument("--train-subset", dest="train_subset", type=_positive_int, help="use the first N training examples")
     group.add_argument("--test-subset", dest="test_subset", type=_positive_int, help="use the first N test examples")
     group.add_argument("--batch-size", dest="batch_size", type=int, help=f"mini-batch (RSO chunk) size (default {defaults.batch_size})")

@@ -97,7 +97,7 @@ class Trainer:
         self.device = select_device(config.device)
         self.dtype = getattr(torch, config.dtype)
         if data is None:
-            data = load_mnist(config.data_dir, config.train_subset, config.test_subset)
+            data = load_mnist(config.data_dir, config.train_subset, config.test_subset, download=config.download)
         config.validate(n_train=len(data.train_labels))
         self.data = data.to(self.device, self.dtype)
         self.generator = torch.Generator().manual_seed(config.seed)
