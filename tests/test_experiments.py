@@ -1,0 +1,109 @@
+"""Each experiment's --quick variant runs end to end on MNIST slices and writes its CSV, PNG and Markdown,
+so the scripts cannot rot; the README section is generated from those files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from experiments import ablations, batch_size, compare, depth, paper, readme_section
+from rso.data import DataError, load_mnist
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mnist_available():
+    if not os.environ.get("RSO_DATA_DIR") and Path("../shared/data/MNIST/raw").is_dir():
+        os.environ["RSO_DATA_DIR"] = "../shared/data"
+    try:
+        load_mnist(None, 10, 10)
+    except DataError as error:
+        pytest.skip(f"MNIST not available: {error}")
+
+
+def quick(module, tmp_path: Path, name: str, *extra: str) -> Path:
+    out = tmp_path / "results" / name
+    assert module.main(["--quick", "--threads", "1", "--no-progress", "--out", str(out),
+                        "--run-dir", str(tmp_path / "runs" / name), *extra]) == 0
+    return out
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_outputs(out: Path, pngs: list[str]) -> None:
+    for name in ["table.md", "summary.md", "provenance.json", *pngs]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    table = (out / "table.md").read_text()
+    assert "- command: `python -m experiments." in table and "- git commit:" in table and "- machine:" in table
+    record = json.loads((out / "provenance.json").read_text())
+    assert {"command", "git_commit", "machine", "what_ran"} <= set(record)
+
+
+def test_compare_quick(tmp_path):
+    out = quick(compare, tmp_path, "compare")
+    check_outputs(out, ["accuracy_curves.png"])
+    finals = rows(out / "runs.csv")
+    assert [r["optimizer"] for r in finals] == ["rso", "sgd", "adam"]
+    rso, sgd = finals[0], finals[1]
+    # the fair-comparison counters: RSO visits every weight once a cycle, backprop updates all of them each step
+    assert int(rso["weight_updates"]) == int(rso["weights"])
+    assert int(sgd["weight_updates"]) == int(sgd["weights"]) * (1000 // 50)
+    assert int(rso["forward_samples"]) == 3 * 100 * int(rso["weights"])
+    history = rows(out / "history.csv")
+    assert {r["optimizer"] for r in history} == {"rso", "sgd", "adam"}
+    assert (tmp_path / "runs" / "compare").is_dir() and any((tmp_path / "runs" / "compare").rglob("events.out.tfevents*"))
+
+
+def test_batch_size_quick_puts_the_course_project_beside_ours(tmp_path):
+    out = quick(batch_size, tmp_path, "batch_size")
+    check_outputs(out, ["batch_size.png"])
+    assert [int(r["batch_size"]) for r in rows(out / "runs.csv")] == [32, 100]
+    summary = (out / "summary.md").read_text()
+    assert "course project (reference.md)" in summary and "0.8075" in summary and "36464 s" in summary
+
+
+def test_depth_quick(tmp_path):
+    out = quick(depth, tmp_path, "depth")
+    check_outputs(out, ["depth.png"])
+    assert sorted({int(r["depth"]) for r in rows(out / "runs.csv")}) == [1, 2]
+
+
+def test_ablations_quick(tmp_path):
+    out = quick(ablations, tmp_path, "ablations", "--seeds", "1")
+    check_outputs(out, ["ablations.png", "ablation_curves.png"])
+    assert len(rows(out / "runs.csv")) == len(ablations.VARIANTS)
+
+
+def test_paper_quick_resumes_and_reports_every_cycle(tmp_path):
+    out = quick(paper, tmp_path, "paper", "--cycles", "1")
+    assert [r["cycle"] for r in rows(out / "per_cycle.csv")] == ["1.0"]
+    out = quick(paper, tmp_path, "paper", "--cycles", "2")      # continues the same run folder
+    check_outputs(out, ["accuracy_per_cycle.png"])
+    per_cycle = rows(out / "per_cycle.csv")
+    assert [r["cycle"] for r in per_cycle] == ["1.0", "2.0"]
+    assert int(per_cycle[1]["weight_visits"]) == 2 * int(per_cycle[0]["weight_visits"])
+    assert len(list((tmp_path / "runs" / "paper").iterdir())) == 1
+    assert "2 complete cycle(s) of 2 planned" in (out / "summary.md").read_text()
+    # harvesting reads the checkpoint without training
+    assert paper.main(["--quick", "--harvest", "--out", str(out), "--run-dir", str(tmp_path / "runs" / "paper")]) == 0
+    assert "harvested from" in (out / "summary.md").read_text()
+
+
+def test_readme_section_is_generated_from_the_results(tmp_path):
+    results = tmp_path / "results"
+    quick(batch_size, tmp_path, "batch_size")
+    output = tmp_path / "README_RESULTS.md"
+    assert readme_section.main(["--results", str(results), "--output", str(output), "--link-root", "results"]) == 0
+    text = output.read_text()
+    assert text.startswith(readme_section.BEGIN)
+    assert "](results/batch_size/batch_size.png)" in text
+    assert "python -m experiments.batch_size --quick" in text
+    assert "Not produced yet: run `make paper`" in text
