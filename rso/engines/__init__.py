@@ -7,11 +7,13 @@ from typing import Callable
 from torch import nn
 
 from rso.engines.base import ChunkPartition, ScoringEngine, batch_statistics, summed_cross_entropy
+from rso.engines.fast import FastEngine
 from rso.engines.reference import ReferenceEngine
 
 # name -> (factory, one-line description)
 ENGINES: dict[str, tuple[Callable[..., ScoringEngine], str]] = {
     "reference": (ReferenceEngine, "one full forward pass per candidate; any model; the test oracle"),
+    "fast": (FastEngine, "cached lower layers, one-channel incremental deltas, numba output-layer sweep; exact"),
 }
 
 
@@ -24,5 +26,5 @@ def make_engine(name: str, model: nn.Module | None = None, **options) -> Scoring
     return ENGINES[name][0](**options)
 
 
-__all__ = ["ENGINES", "ChunkPartition", "ReferenceEngine", "ScoringEngine", "batch_statistics", "make_engine",
+__all__ = ["ENGINES", "ChunkPartition", "FastEngine", "ReferenceEngine", "ScoringEngine", "batch_statistics", "make_engine",
            "summed_cross_entropy"]

@@ -1,0 +1,316 @@
+"""The fast engine: exact candidate losses from cached lower layers and one-channel incremental updates.
+
+For a sweep over a tensor of layer ``d`` (a Conv2d/Linear weight or bias, or a BatchNorm gamma/beta) and a
+fixed chunk partition, per chunk ``k``::
+
+    X_k  = layers[:d](x_k)                       cached once: nothing below d changes during the sweep
+    Q_k  = the next linear layer's output         (the logits when no linear layer follows)
+    A_k  = channel c of the per-channel block after d, for the current weights
+
+A visit to an element of output channel ``c`` (conv ``(c, i, r, s)``, dense ``(c, i)``, bias ``c``, BN ``c``)
+changes channel ``c`` only, up to the next linear layer ``n``::
+
+    P_v   = P_c + (v - w) * basis                 basis = X_i shifted by (r, s) (conv) | X_i (dense) | 1 (bias)
+    A_v   = block_c(P_v)                          BN with this channel's batch statistics, ReLU, pooling
+    Q_v   = Q_k + n(A_v - A_c)  restricted to input channel c of n     (or: column c of the logits := A_v)
+    F(v)  = CE(suffix(Q_v))                       the layers after n, once per candidate, in full
+
+which equals the full forward pass up to rounding (float64: ~1e-15 relative). Accepted changes update the
+visited chunk's caches at once and the other chunks lazily, from a log of changed channels, when they are
+next visited. BN always uses the chunk's batch statistics (never the running ones), as in the reference.
+
+The output layer is the closed-form special case (``z_c += (v - w) x_i``, O(batch x classes) per visit); on
+CPU its whole sweep runs inside one numba function (``rso.engines.kernels``), with the same decisions as the
+per-visit loop. Everything else is PyTorch operators, so the same code runs on CUDA; ``kernels="torch"``
+selects that path on CPU too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rso.engines.base import ChunkPartition, ScoringEngine, batch_statistics, summed_cross_entropy
+from rso.engines.plan import SweepPlan, plan_sweep, unsupported_reason
+from rso.search.visit import BATCHNORMS, SearchTarget
+
+KERNELS = ("auto", "numba", "torch")
+SUFFIX_PRECISIONS = (None, "bfloat16")
+
+
+@dataclass
+class _Chunk:
+    """One chunk's caches for the current sweep."""
+
+    inputs: torch.Tensor          # X: input of the searched layer
+    labels: torch.Tensor
+    next_output: torch.Tensor     # Q: output of the next linear layer (or the logits)
+    channel: int = -1             # the channel whose block output ``block_output`` holds
+    block_output: torch.Tensor | None = None     # A: (B, 1, ...) for ``channel``, current weights
+    preactivation: torch.Tensor | None = None    # P: (B, 1, ...) for ``channel``, current weights
+    synced: int = 0               # length of the change log the caches include
+
+
+class FastEngine(ScoringEngine):
+    """Cached prefix, one-channel incremental deltas, full suffix per candidate; exact up to rounding.
+
+    ``kernels``: ``auto`` (numba on CPU where it helps, PyTorch operators otherwise), ``numba`` or ``torch``.
+    ``suffix_precision``: ``None`` (default, exact) or ``"bfloat16"``: the layers after the next linear layer
+    run under autocast. That may change decisions, so it is off by default and never what the tests check.
+    """
+
+    name = "fast"
+
+    def __init__(self, kernels: str = "auto", suffix_precision: str | None = None):
+        if kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+        if suffix_precision not in SUFFIX_PRECISIONS:
+            raise ValueError(f"unknown suffix precision {suffix_precision!r}; choose None or bfloat16")
+        self.kernels = kernels
+        self.suffix_precision = suffix_precision
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return unsupported_reason(model) is None
+
+    # ----------------------------------------------------------------------------------------- sweep state
+    def begin_sweep(self, model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
+                    partition: ChunkPartition) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the fast engine cannot score this model: {reason}; use --engine reference or auto")
+        super().begin_sweep(model, target, images, labels, partition)
+        self.plan: SweepPlan = plan_sweep(model, target)
+        self.layer = self.plan.layers[self.plan.searched]
+        self.start = target.parameter.detach().clone()     # the tensor as the sweep found it
+        self.chunks: dict[int, _Chunk] = {}
+        self.log: list[int] = []                            # changed channel of every accepted change
+        self.first_change: dict[int, int] = {}              # channel -> log position of its first change
+        self._last = None
+        self.device = images.device
+        self.dtype = target.parameter.dtype
+        if isinstance(self.layer, nn.Conv2d) and target.kind == "weight":
+            _, fan_in, height, width = self.layer.weight.shape
+            self._per_channel = fan_in * height * width
+        elif isinstance(self.layer, nn.Linear) and target.kind == "weight":
+            self._per_channel = self.layer.in_features
+        else:
+            self._per_channel = 1
+
+    def end_sweep(self) -> None:
+        self.chunks = {}
+        self._last = None
+
+    def use_numba(self) -> bool:
+        if self.kernels == "torch" or self.device.type != "cpu":
+            return False
+        if self.kernels == "auto" or self.kernels == "numba":
+            from rso.engines import kernels
+            return kernels.available()
+        return False
+
+    # ------------------------------------------------------------------------------------ the layer math
+    @torch.no_grad()
+    def _chunk(self, chunk: int) -> _Chunk:
+        state = self.chunks.get(chunk)
+        if state is None:
+            rows = self.partition.indices(chunk)
+            x = self.images[rows]
+            with batch_statistics(self.model):
+                for layer in self.plan.layers[:self.plan.searched]:
+                    x = layer(x)
+                y = x
+                for layer in self.plan.layers[self.plan.searched:self.plan.next_index + 1]:
+                    y = layer(y)
+            state = _Chunk(x, self.labels[rows], y, synced=len(self.log))
+            self.chunks[chunk] = state
+        return state
+
+    def _locate(self, index: int) -> int:
+        return index // self._per_channel
+
+    def _preactivation(self, inputs: torch.Tensor, channel: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Channel ``channel`` of the searched layer's output, (B, 1, ...), with ``tensor`` as the searched tensor."""
+        layer, kind = self.layer, self.target.kind
+        if isinstance(layer, BATCHNORMS):
+            return inputs[:, channel:channel + 1]
+        weight = tensor if kind == "weight" else layer.weight
+        bias = tensor if kind == "bias" else layer.bias
+        weight = weight[channel:channel + 1]
+        bias = None if bias is None else bias[channel:channel + 1]
+        if isinstance(layer, nn.Conv2d):
+            return F.conv2d(inputs, weight, bias, layer.stride, layer.padding, layer.dilation)
+        return F.linear(inputs, weight, bias)
+
+    def _basis(self, inputs: torch.Tensor, index: int) -> torch.Tensor | float:
+        """d(preactivation of the changed channel) / d(element ``index``): (B, 1, ...) or 1."""
+        if self.target.kind != "weight":
+            return 1.0
+        layer = self.layer
+        rest = index % self._per_channel
+        if isinstance(layer, nn.Linear):
+            return inputs[:, rest:rest + 1]
+        _, _, height, width = layer.weight.shape
+        source, offset = divmod(rest, height * width)
+        unit = torch.zeros(1, 1, height, width, dtype=inputs.dtype, device=inputs.device)
+        unit.view(-1)[offset] = 1.0
+        return F.conv2d(inputs[:, source:source + 1], unit, None, layer.stride, layer.padding, layer.dilation)
+
+    def _bn_override(self, channel: int, values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(weight, bias) of the searched BN for channel ``channel``, one entry per candidate in ``values``."""
+        layer, count = self.layer, values.numel()
+        if self.target.kind == "bn_gamma":
+            bias = None if layer.bias is None else layer.bias[channel].expand(count).contiguous()
+            return values, bias
+        weight = None if layer.weight is None else layer.weight[channel].expand(count).contiguous()
+        return weight, values
+
+    def _block(self, pre: torch.Tensor, channel: int, override) -> tuple[torch.Tensor, int, int]:
+        """Run the per-channel block on ``pre`` (B, K, ...): one column per candidate.
+
+        Returns the block output (B, K, H, W) or (B, K, S) and, for a flat output, the slice ``offset, size``
+        of the next layer's input features it occupies.
+        """
+        x, spatial, offset, size = pre, self.plan.spatial, channel, 1
+        count = x.shape[1]
+        if not spatial and x.dim() == 2:
+            x = x.unsqueeze(2)
+        for layer in self.plan.block:
+            if isinstance(layer, BATCHNORMS):
+                if layer is self.layer:
+                    weight, bias = override
+                elif spatial:
+                    weight = None if layer.weight is None else layer.weight[channel].expand(count).contiguous()
+                    bias = None if layer.bias is None else layer.bias[channel].expand(count).contiguous()
+                else:
+                    weight = None if layer.weight is None else layer.weight[offset:offset + size].repeat(count)
+                    bias = None if layer.bias is None else layer.bias[offset:offset + size].repeat(count)
+                shape = x.shape
+                flat = x if spatial else x.reshape(shape[0], -1)
+                x = F.batch_norm(flat, None, None, weight, bias, True, 0.0, layer.eps).view(shape)
+            elif isinstance(layer, nn.ReLU):
+                x = F.relu(x)
+            elif isinstance(layer, nn.Flatten):
+                size = x.shape[2] * x.shape[3]
+                x = x.reshape(x.shape[0], count, size)
+                offset, spatial = channel * size, False
+            elif isinstance(layer, nn.Identity):
+                pass
+            else:  # pooling: acts on each of the K columns as on a channel
+                x = layer(x)
+        if spatial and self.plan.next_layer is None:
+            raise ValueError("the block ends spatial with no layer after it")
+        return x, offset, size
+
+    def _through_next(self, next_output: torch.Tensor, old: torch.Tensor, new: torch.Tensor, channel: int,
+                      offset: int, size: int) -> torch.Tensor:
+        """The next linear layer's output (K, B, ...) when its input channel changes from ``old`` to ``new``."""
+        layer = self.plan.next_layer
+        count = new.shape[1]
+        if layer is None:   # the block output is the logits: replace its columns
+            out = next_output.unsqueeze(0).repeat(count, *([1] * next_output.dim()))
+            out[:, :, offset:offset + size] = new.transpose(0, 1)
+            return out
+        delta = new - old
+        if isinstance(layer, nn.Conv2d):
+            batch, _, height, width = delta.shape
+            delta = delta.transpose(0, 1).reshape(count * batch, 1, height, width)
+            change = F.conv2d(delta, layer.weight[:, channel:channel + 1], None, layer.stride, layer.padding,
+                              layer.dilation)
+            return next_output.unsqueeze(0) + change.view(count, batch, *change.shape[1:])
+        change = torch.matmul(delta.transpose(0, 1), layer.weight[:, offset:offset + size].t())
+        return next_output.unsqueeze(0) + change
+
+    def _channel_output(self, state: _Chunk, channel: int, tensor: torch.Tensor):
+        """(block output, preactivation) of ``channel`` with ``tensor`` as the searched tensor: (B, 1, ...)."""
+        pre = self._preactivation(state.inputs, channel, tensor)
+        override = self._bn_override(channel, tensor[channel:channel + 1]) if isinstance(self.layer, BATCHNORMS) else None
+        out, offset, size = self._block(pre, channel, override)
+        return out, pre, offset, size
+
+    @torch.no_grad()
+    def _sync(self, state: _Chunk, chunk: int, channel: int) -> None:
+        """Bring the chunk's caches up to the current weights and onto ``channel``."""
+        current = self.target.parameter.detach()
+        pending = list(dict.fromkeys(self.log[state.synced:]))
+        for changed in pending:
+            if changed == state.channel:
+                old = state.block_output
+            elif self.first_change[changed] >= state.synced:
+                old = self._channel_output(state, changed, self.start)[0]
+            else:   # the channel changed before and after the last sync (not row-major order): start over
+                del self.chunks[chunk]
+                fresh = self._chunk(chunk)
+                state.__dict__.update(fresh.__dict__)
+                self.chunks[chunk] = state
+                break
+            new, pre, offset, size = self._channel_output(state, changed, current)
+            state.next_output = self._through_next(state.next_output, old, new, changed, offset, size)[0]
+            state.channel, state.block_output, state.preactivation = changed, new, pre
+        if state.channel != channel or state.block_output is None:
+            state.block_output, state.preactivation = self._channel_output(state, channel, current)[:2]
+            state.channel = channel
+        state.synced = len(self.log)
+
+    @torch.no_grad()
+    def _suffix_losses(self, next_outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        losses = torch.empty(next_outputs.shape[0], dtype=torch.float64)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.suffix_precision == "bfloat16"
+                    else torch.autocast(self.device.type, enabled=False))
+        with batch_statistics(self.model), autocast:
+            logits = []
+            for x in next_outputs:
+                for layer in self.plan.suffix:
+                    x = layer(x)
+                logits.append(x)
+        for k, z in enumerate(logits):
+            losses[k] = summed_cross_entropy(z, labels)
+        return losses
+
+    # ------------------------------------------------------------------------------------------ interface
+    @torch.no_grad()
+    def score(self, index: int, values: torch.Tensor, chunk: int) -> torch.Tensor:
+        state = self._chunk(chunk)
+        channel = self._locate(index)
+        self._sync(state, chunk, channel)
+        candidates = values.to(self.device, self.dtype)
+        count = candidates.numel()
+        if isinstance(self.layer, BATCHNORMS):
+            pre = state.preactivation.expand(-1, count, *state.preactivation.shape[2:])
+            override = self._bn_override(channel, candidates)
+        else:
+            current = self.target.parameter.detach().view(-1)[index]
+            shape = (1, count) + (1,) * (state.preactivation.dim() - 2)
+            pre = state.preactivation + (candidates - current).view(shape) * self._basis(state.inputs, index)
+            override = None
+        out, offset, size = self._block(pre, channel, override)
+        next_outputs = self._through_next(state.next_output, state.block_output, out, channel, offset, size)
+        losses = self._suffix_losses(next_outputs, state.labels)
+        self._last = (chunk, index, values.tolist(), out, pre, next_outputs)
+        return losses
+
+    def commit(self, index: int, value: float, chunk: int) -> None:
+        channel = self._locate(index)
+        self.first_change.setdefault(channel, len(self.log))
+        self.log.append(channel)
+        last, self._last = self._last, None
+        if last is not None and last[0] == chunk and last[1] == index and value in last[2]:
+            k = last[2].index(value)
+            state = self.chunks[chunk]
+            if state.synced == len(self.log) - 1:   # the caches were current when scored: take the candidate's
+                state.block_output = last[3][:, k:k + 1].clone()
+                state.preactivation = last[4][:, k:k + 1].clone()
+                state.next_output = last[5][k].clone()
+                state.channel, state.synced = channel, len(self.log)
+
+    def run_sweep(self, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress) -> None:
+        """The whole sweep: the fused numba loop for the output layer on CPU, the per-visit loop otherwise."""
+        from rso.search.loop import visit_each_weight
+        if self.plan.head_only and self.use_numba():
+            from rso.engines.kernels import dense_head_sweep
+            dense_head_sweep(self, chunks, steps, weight_decay, stats, progress)
+        else:
+            visit_each_weight(self, self.target, chunks, steps, weight_decay, stats, progress)

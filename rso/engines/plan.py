@@ -1,0 +1,87 @@
+"""Walk an ``nn.Sequential`` into what the fast engine needs: which layers it can handle, where a sweep's
+searched layer sits, the per-channel block after it, and the next linear layer.
+
+A *linear layer* is a Conv2d or Linear: the only layers that mix channels. Everything between two linear
+layers (BatchNorm, ReLU, pooling, global pooling, flatten) acts on each channel alone, so a change confined to
+one channel of a linear layer's output stays in that channel until the next linear layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from rso.search.visit import SearchTarget
+
+LINEAR_LAYERS = (nn.Conv2d, nn.Linear)
+CHANNEL_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
+                  nn.Flatten, nn.Identity)
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the fast engine cannot score ``model`` (``None`` when it can).
+
+    Checks the layer types and that the tensor layout flows: spatial (N, C, H, W) from the input until a
+    Flatten, flat (N, F) after it, and a flat output (the logits).
+    """
+    if not isinstance(model, nn.Sequential):
+        return f"not an nn.Sequential ({type(model).__name__})"
+    spatial = True
+    for index, layer in enumerate(model):
+        where = f"layer {index} ({type(layer).__name__})"
+        if not isinstance(layer, LINEAR_LAYERS + CHANNEL_LAYERS):
+            return f"{where} is not supported"
+        if any(True for _ in layer.children()):
+            return f"{where} has children"
+        if isinstance(layer, nn.Conv2d):
+            if not spatial or layer.groups != 1 or layer.padding_mode != "zeros":
+                return f"{where}: needs groups=1, zero padding and a spatial input"
+        elif isinstance(layer, (nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
+            if not spatial:
+                return f"{where} needs a spatial input"
+            if isinstance(layer, nn.MaxPool2d) and layer.return_indices:
+                return f"{where} returns indices"
+        elif isinstance(layer, (nn.Linear, nn.BatchNorm1d)):
+            if spatial:
+                return f"{where} needs a flat input"
+        elif isinstance(layer, nn.Flatten):
+            if not spatial or layer.start_dim != 1 or layer.end_dim != -1:
+                return f"{where}: only Flatten(1, -1) of a spatial input"
+            spatial = False
+    if spatial:
+        return "the output is not flat logits"
+    return None
+
+
+@dataclass
+class SweepPlan:
+    """Where the searched tensor sits: ``layers[:searched]`` is the cached prefix, ``block`` the per-channel
+    layers after it (starting with the searched layer itself when it is a BatchNorm), ``next_layer`` the
+    first linear layer after the block (``None`` when the block reaches the output), ``suffix`` the layers
+    after ``next_layer``, recomputed in full for each candidate."""
+
+    layers: list[nn.Module]
+    searched: int
+    block: list[nn.Module]
+    next_layer: nn.Module | None
+    next_index: int          # index of next_layer, or len(layers)
+    suffix: list[nn.Module]
+    spatial: bool            # layout of the searched layer's output channel
+
+    @property
+    def head_only(self) -> bool:
+        """The searched layer is a Linear whose output is the logits: the closed-form dense-head case."""
+        return isinstance(self.layers[self.searched], nn.Linear) and not self.block and self.next_layer is None
+
+
+def plan_sweep(model: nn.Sequential, target: SearchTarget) -> SweepPlan:
+    layers = list(model)
+    searched = next(index for index, layer in enumerate(layers) if layer is target.module)
+    start = searched if isinstance(layers[searched], (nn.BatchNorm1d, nn.BatchNorm2d)) else searched + 1
+    end = start
+    while end < len(layers) and not isinstance(layers[end], LINEAR_LAYERS):
+        end += 1
+    next_layer = layers[end] if end < len(layers) else None
+    spatial = isinstance(layers[searched], (nn.Conv2d, nn.BatchNorm2d))
+    return SweepPlan(layers, searched, layers[start:end], next_layer, end, layers[end + 1:], spatial)

@@ -1,0 +1,164 @@
+"""The fast engine against the reference (the oracle): loss for loss, decision for decision."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from rso.data import load_mnist
+from rso.engines import ENGINES, ChunkPartition, FastEngine, ReferenceEngine, make_engine
+from rso.models import build_model, he_init_
+from rso.search.candidates import candidate_values, gaussian_steps, select_candidate
+from rso.search.loop import run_sweep
+from rso.search.visit import visit_order
+
+DATA_DIR = os.environ.get("RSO_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    try:
+        data = load_mnist(DATA_DIR, train_subset=96, test_subset=1, download=False)
+    except Exception as error:  # noqa: BLE001 - no data on this machine: random images instead
+        pytest.skip(f"MNIST not available: {error}")
+    return data.train_images, data.train_labels
+
+
+def small_nets() -> dict[str, nn.Sequential]:
+    """Tiny nets covering every supported layer kind and layout."""
+    return {
+        "conv-bn-pools": nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(3, 10)),
+        "oneconv-like": nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                      nn.Linear(392, 10)),
+        "strided-flat-bn": nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                                         nn.BatchNorm1d(392), nn.Linear(392, 10)),
+        "mlp-bn": nn.Sequential(nn.Flatten(), nn.Linear(784, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5),
+                                nn.ReLU(), nn.Linear(5, 10)),
+    }
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    he_init_(model, generator)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+    return model
+
+
+def compare_visits(model, target, images, labels, batch_size, fast, *, visits=24, seed=0, rtol=1e-9,
+                   order="increasing"):
+    """Score sampled elements of ``target`` with both engines, accept the reference's choice, compare losses."""
+    generator = torch.Generator().manual_seed(seed)
+    partition = ChunkPartition(torch.randperm(len(labels), generator=generator), batch_size)
+    reference = ReferenceEngine()
+    reference.begin_sweep(model, target, images, labels, partition)
+    fast.begin_sweep(model, target, images, labels, partition)
+    count = min(visits, target.numel)
+    indices = torch.randperm(target.numel, generator=generator)[:count]
+    indices = indices.sort().values if order == "increasing" else indices
+    steps = gaussian_steps(target.sigma, count, generator) * 3
+    flat = target.parameter.data.view(-1)
+    worst = 0.0
+    accepted = 0
+    for visit, (index, step) in enumerate(zip(indices.tolist(), steps.tolist())):
+        chunk = visit % partition.n_chunks
+        current = flat[index].item()
+        values = candidate_values(current, step, 1e-3).to(flat.dtype).to(torch.float64)
+        expected = reference.score(index, values, chunk)
+        got = fast.score(index, values, chunk)
+        worst = max(worst, float(((got - expected).abs() / expected.abs()).max()))
+        choice = select_candidate(expected)
+        chosen = values[choice].item()
+        if chosen != current:
+            flat[index] = chosen
+            accepted += 1
+            reference.commit(index, chosen, chunk)
+            fast.commit(index, chosen, chunk)
+    fast.end_sweep()
+    assert worst <= rtol, f"{target.name}: worst relative difference {worst:.3g}"
+    return worst, accepted
+
+
+@pytest.mark.parametrize("name", list(small_nets()))
+def test_losses_equal_reference_float64(name, mnist):
+    images, labels = mnist
+    model = randomize(small_nets()[name], seed=1).double()
+    images = images.double()
+    assert FastEngine.supports(model)
+    total_accepted = 0
+    for target in visit_order(model):
+        _, accepted = compare_visits(model, target, images, labels, 32, FastEngine(kernels="torch"), visits=20)
+        total_accepted += accepted
+    assert total_accepted > 0   # the incremental cache updates were exercised
+
+
+def test_losses_equal_reference_out_of_order(mnist):
+    """Visits in no particular order (not the loop's row-major one) still give exact losses."""
+    images, labels = mnist
+    model = randomize(small_nets()["conv-bn-pools"], seed=2).double()
+    for target in visit_order(model)[1:4]:
+        compare_visits(model, target, images.double(), labels, 32, FastEngine(kernels="torch"), visits=30,
+                       order="random")
+
+
+def test_losses_float32_agree(mnist):
+    images, labels = mnist
+    model = randomize(build_model("convnet", depth=3, channels=4), seed=3)
+    for target in visit_order(model):
+        compare_visits(model, target, images, labels, 48, FastEngine(kernels="torch"), visits=12, rtol=2e-5)
+
+
+def run_cycle(model, engine_name, images, labels, batch_size, seed, **options):
+    generator = torch.Generator().manual_seed(seed)
+    decisions = []
+    for target in visit_order(model):
+        engine = make_engine(engine_name, model, **options)
+        stats = run_sweep(model, target, images, labels, engine, sigma=target.sigma, batch_size=batch_size,
+                          sampler=gaussian_steps, generator=generator, weight_decay=1e-4)
+        decisions.append((stats.visits, stats.accepted, stats.loss_sum))
+    return decisions
+
+
+@pytest.mark.parametrize("name,kernels", [("convnet", "auto"), ("oneconv-like", "auto"), ("oneconv-like", "torch")])
+def test_full_cycle_identical(name, kernels, mnist):
+    """One cycle with the same seed: identical accept decisions and final weights (float64)."""
+    images, labels = mnist
+    images = images.double()
+
+    def build():
+        if name == "convnet":
+            return build_model("convnet", torch.Generator().manual_seed(4), depth=2, channels=3).double()
+        return randomize(small_nets()[name], seed=4).double()
+
+    reference_model, fast_model = build(), build()
+    expected = run_cycle(reference_model, "reference", images, labels, 32, seed=5)
+    got = run_cycle(fast_model, "fast", images, labels, 32, seed=5, kernels=kernels)
+    assert [d[:2] for d in got] == [d[:2] for d in expected]
+    for (_, _, a), (_, _, b) in zip(got, expected):
+        assert a == pytest.approx(b, rel=1e-12)
+    for (name_a, a), (_, b) in zip(reference_model.state_dict().items(), fast_model.state_dict().items()):
+        assert torch.equal(a, b), name_a
+
+
+def test_registry_and_auto():
+    assert "fast" in ENGINES
+    assert ENGINES["fast"][0].supports(build_model("paper6"))
+    assert ENGINES["fast"][0].supports(build_model("oneconv"))
+    assert isinstance(make_engine("auto", build_model("mlp")), FastEngine)
+    unsupported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    assert not FastEngine.supports(unsupported)
+    assert isinstance(make_engine("auto", unsupported), ReferenceEngine)
+    with pytest.raises(ValueError):
+        FastEngine(kernels="cuda-only")
