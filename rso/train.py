@@ -37,6 +37,10 @@ class RunError(RuntimeError):
     """A run cannot start or go on; the message says why (and where the last checkpoint is)."""
 
 
+class RunInterrupted(RunError):
+    """Ctrl-C: the last checkpoint stands, and ``--resume`` continues from it."""
+
+
 @dataclass
 class Progress:
     """Where a run stands: what resumes it, and the counters a fair comparison needs."""
@@ -166,7 +170,7 @@ class Trainer:
         try:
             reason = self._run_rso() if self.config.optimizer == "rso" else self._run_backprop()
         except KeyboardInterrupt:
-            raise RunError(f"interrupted; the last checkpoint is {self.folder / 'checkpoint.pt'} "
+            raise RunInterrupted(f"interrupted; the last checkpoint is {self.folder / 'checkpoint.pt'} "
                            f"(resume with --resume {self.folder})") from None
         except (NonFiniteLossError, FloatingPointError) as error:
             raise RunError(f"{error}; the last good checkpoint is {self.folder / 'checkpoint.pt'}") from None
@@ -302,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         train(config, given, argv)
     except ValueError as error:       # config checks that need the data (batch size vs training set)
         parser.error(str(error))
+    except RunInterrupted as error:
+        print(f"{error}", file=sys.stderr)
+        return 130
     except (DataError, CheckpointError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

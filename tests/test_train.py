@@ -1,0 +1,153 @@
+"""End-to-end runs of ``python -m rso.train`` on small slices of real MNIST."""
+
+import json
+
+import pytest
+import torch
+
+import rso.train as train_module
+from rso.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from rso.evaluate import evaluate
+from rso.evaluate import main as evaluate_main
+from rso.train import main
+
+TINY = ["--model", "convnet", "--depth", "2", "--channels", "3", "--train-subset", "1200", "--test-subset", "500",
+        "--batch-size", "200", "--bn-samples", "1200", "--no-progress", "--no-download"]
+
+
+def run(tmp_path, *flags, name="run"):
+    return main([*TINY, "--run-dir", str(tmp_path), "--name", name, *flags])
+
+
+def test_rso_run_writes_events_config_checkpoint_and_final_metrics(tmp_path, data_dir, capsys):
+    assert run(tmp_path, "--cycles", "2", "--data-dir", str(data_dir)) == 0
+    folder = tmp_path / "run"
+    names = {path.name for path in folder.iterdir()}
+    assert {"config.json", "meta.json", "log.txt", "checkpoint.pt", "final.json"} <= names
+    assert any(name.startswith("events.out.tfevents") for name in names)
+    config = json.loads((folder / "config.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text())
+    assert config["model"] == "convnet" and config["batch_size"] == 200
+    assert meta["versions"]["torch"] == torch.__version__ and "torch_threads" in meta["threads"]
+    final = json.loads((folder / "final.json").read_text())
+    assert final["cycles_done"] == 2 and final["visits"] == 2 * 150  # per cycle: conv 27 + BN 6 + conv 81 + BN 6 + dense 30
+    assert final["forward_samples"] == 3 * 200 * final["visits"]
+    assert 0 < final["accepted"] < final["visits"]
+    # the checkpoint loads with weights_only=True, and an independent evaluation agrees with the run
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert set(state) >= {"model", "config", "progress", "generator"}
+    assert evaluate_main([str(folder), "--data-dir", str(data_dir), "--test-subset", "500"]) == 0
+    assert f"test accuracy {final['test_accuracy']:.4f}" in capsys.readouterr().out
+    # TensorBoard events hold the documented tags, steps in weight visits
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "test/accuracy", "test/loss", "rso/accept_rate/8.weight", "rso/sigma/0.weight"} <= tags
+    assert events.Scalars("test/accuracy")[-1].step == final["visits"]
+
+
+def test_rso_learns_above_chance(tmp_path, data_dir):
+    result = train_module.train(train_module.TrainConfig(
+        model="mlp", widths=(8,), train_subset=2000, test_subset=500, batch_size=200, cycles=1,
+        data_dir=str(data_dir), run_dir=str(tmp_path), name="learn", progress=False, eval_every="cycle"))
+    assert result["visits"] == 784 * 8 + 8 + 8 * 10 + 10
+    assert result["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_interrupt_and_resume_ends_with_the_same_weights(tmp_path, data_dir, monkeypatch, capsys):
+    flags = ["--cycles", "2", "--data-dir", str(data_dir), "--eval-every", "cycle"]
+    assert run(tmp_path, *flags, name="straight") == 0
+
+    real_sweep = train_module.run_sweep
+    calls = {"n": 0}
+
+    def interrupting_sweep(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # 7 tensors a cycle: the second sweep of the second cycle
+            raise KeyboardInterrupt
+        return real_sweep(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_sweep", interrupting_sweep)
+    assert run(tmp_path, *flags, name="interrupted") == 130
+    assert "--resume" in capsys.readouterr().err
+    partial = load_checkpoint(tmp_path / "interrupted")
+    assert partial["progress"]["cycle"] == 1 and partial["progress"]["target_index"] == 1
+    monkeypatch.setattr(train_module, "run_sweep", real_sweep)
+    assert main(["--resume", str(tmp_path / "interrupted"), "--no-progress"]) == 0
+
+    straight = load_checkpoint(tmp_path / "straight")
+    resumed = load_checkpoint(tmp_path / "interrupted")
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert straight["progress"]["visits"] == resumed["progress"]["visits"]
+    assert straight["progress"]["accepted"] == resumed["progress"]["accepted"]
+
+
+def test_resume_refuses_to_change_the_model(tmp_path, data_dir, capsys):
+    assert run(tmp_path, "--cycles", "1", "--data-dir", str(data_dir)) == 0
+    assert main(["--resume", str(tmp_path / "run"), "--batch-size", "100", "--no-progress"]) == 2
+    assert "cannot change --batch-size when resuming" in capsys.readouterr().err
+
+
+def test_sgd_baseline_passes_90_percent(tmp_path, data_dir):
+    result = train_module.train(train_module.TrainConfig(
+        model="mlp", optimizer="sgd", epochs=2, batch_size=50, lr=0.05, train_subset=10000, test_subset=2000,
+        data_dir=str(data_dir), run_dir=str(tmp_path), name="sgd", progress=False))
+    assert result["test_accuracy"] >= 0.90
+    assert result["optimizer_steps"] == 2 * 200 and result["forward_samples"] == 2 * 2 * 200 * 50
+
+
+def test_a_run_name_in_use_gets_a_suffix(tmp_path, data_dir):
+    for _ in range(2):
+        assert run(tmp_path, "--cycles", "1", "--optimizer", "sgd", "--epochs", "1", "--data-dir", str(data_dir)) == 0
+    assert (tmp_path / "run").is_dir() and (tmp_path / "run-1").is_dir()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "batch size must be positive, got 0"),
+    (["--batch-size", "5000"], "batch size 5000 is larger than the training set (1200 examples)"),
+    (["--cycles", "-3"], "cycles must be positive, got -3"),
+    (["--model", "resnet"], "invalid choice: 'resnet'"),
+    (["--engine", "warp"], "unknown engine 'warp'"),
+    (["--train-subset", "0"], "must be a positive integer, got 0"),
+])
+def test_bad_flags_are_argparse_errors(tmp_path, data_dir, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--data-dir", str(data_dir), *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_is_a_one_line_error(tmp_path, capsys):
+    assert run(tmp_path, "--data-dir", str(tmp_path / "nowhere")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: MNIST not found in") and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "garbage"])
+def test_bad_checkpoints_are_clear_errors(tmp_path, data_dir, damage, capsys):
+    assert run(tmp_path, "--cycles", "1", "--data-dir", str(data_dir)) == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "foreign":
+        torch.save({"state_dict": {}}, path)
+    else:
+        path.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert main(["--resume", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "Traceback" not in err
+    assert evaluate_main([str(path), "--data-dir", str(data_dir)]) == 2
+
+
+def test_checkpoint_model_matches_the_run(tmp_path, data_dir, mnist_small):
+    result = train_module.train(train_module.TrainConfig(
+        model="convnet", depth=1, channels=2, train_subset=1200, test_subset=1000, batch_size=200, cycles=1,
+        data_dir=str(data_dir), run_dir=str(tmp_path), name="m", progress=False))
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "m"))
+    accuracy, _ = evaluate(model, mnist_small.test_images, mnist_small.test_labels)
+    assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-12)
