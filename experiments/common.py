@@ -286,7 +286,10 @@ def plot_curves(rows: list[dict], axes_spec: list[tuple[str, str, bool]], path: 
     All optimizers share each panel's axes, so RSO and SGD can be read off against the same x.
     """
     plt = pyplot()
-    figure, axes = plt.subplots(1, len(axes_spec), figsize=(4.2 * len(axes_spec), 3.6), squeeze=False)
+    columns = min(len(axes_spec), 2)
+    lines = -(-len(axes_spec) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.6 * columns, 3.4 * lines), squeeze=False)
+    axes = [list(axes.flat)]
     runs = group([{**row, "_run": f"{row['label']}|{row['seed']}"} for row in rows], "_run")
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = list(dict.fromkeys(row["label"] for row in rows))
