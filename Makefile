@@ -7,7 +7,8 @@ RUNS ?= runs
 # The CPU wheel of torch: installed only when no torch is importable, so CUDA machines keep theirs.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard bench clean help
+.PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard bench clean help \
+	landscapes overparam compare batch-size depth ablations paper experiments-quick readme
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -27,6 +28,33 @@ mnist-rso-paper: install ## the paper's configuration: paper6, batch 5000, 50 cy
 
 mnist-sgd: install ## the backprop baseline (SGD with momentum) on the same model
 	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-sgd --optimizer sgd $(ARGS)
+
+bench: install ## speed of the scoring engines: per-visit cost, cycle time, ratio, memory, FLOP rate
+	$(PYTHON) -m rso.bench $(ARGS)
+
+compare: install ## experiment: RSO vs SGD vs Adam on the same model and data -> results/compare
+	$(PYTHON) -m experiments.compare $(ARGS)
+
+batch-size: install ## experiment: RSO accuracy and time per cycle vs batch size -> results/batch_size
+	$(PYTHON) -m experiments.batch_size $(ARGS)
+
+depth: install ## experiment: 1 to 6 conv layers of the paper's design -> results/depth
+	$(PYTHON) -m experiments.depth $(ARGS)
+
+ablations: install ## experiment: annealing, sampler, order, chunking, weight decay -> results/ablations
+	$(PYTHON) -m experiments.ablations $(ARGS)
+
+paper: install ## experiment: the paper's configuration, accuracy after every cycle (resumable) -> results/paper
+	$(PYTHON) -m experiments.paper $(ARGS)
+
+landscapes: install ## the optimizer family and RSO on 2-D test functions -> results/landscapes
+	$(PYTHON) -m experiments.landscapes $(ARGS)
+
+overparam: install ## optimization through an overparameterized network -> results/overparam
+	$(PYTHON) -m experiments.overparam --threads 1 $(ARGS)
+
+readme: install ## regenerate the README's results section from results/
+	$(PYTHON) -m experiments.readme_section > /dev/null
 
 tensorboard: install ## serve the runs folder on http://localhost:6006
 	$(PYTHON) -m tensorboard.main --logdir $(RUNS) --host localhost --port 6006
