@@ -18,6 +18,15 @@ from rso.search.visit import visit_order
 DATA_DIR = os.environ.get("RSO_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is fastest and immune to a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def mnist():
     try:
@@ -39,6 +48,8 @@ def small_nets() -> dict[str, nn.Sequential]:
                                       nn.Linear(392, 10)),
         "strided-flat-bn": nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
                                          nn.BatchNorm1d(392), nn.Linear(392, 10)),
+        "oneconv-tiny": nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Flatten(), nn.Linear(98, 10)),
         "mlp-bn": nn.Sequential(nn.Flatten(), nn.Linear(784, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5),
                                 nn.ReLU(), nn.Linear(5, 10)),
     }
@@ -117,7 +128,7 @@ def test_losses_float32_agree(mnist):
     images, labels = mnist
     model = randomize(build_model("convnet", depth=3, channels=4), seed=3)
     for target in visit_order(model):
-        compare_visits(model, target, images, labels, 48, FastEngine(kernels="torch"), visits=12, rtol=2e-5)
+        compare_visits(model, target, images, labels, 48, FastEngine(kernels="torch"), visits=8, rtol=2e-5)
 
 
 def run_cycle(model, engine_name, images, labels, batch_size, seed, **options):
@@ -131,9 +142,10 @@ def run_cycle(model, engine_name, images, labels, batch_size, seed, **options):
     return decisions
 
 
-@pytest.mark.parametrize("name,kernels", [("convnet", "auto"), ("oneconv-like", "auto"), ("oneconv-like", "torch")])
-def test_full_cycle_identical(name, kernels, mnist):
-    """One cycle with the same seed: identical accept decisions and final weights (float64)."""
+@pytest.mark.parametrize("name", ["convnet", "oneconv-tiny"])
+def test_full_cycle_identical(name, mnist):
+    """One cycle with the same seed: identical accept decisions and final weights (float64), for the numba
+    output-layer sweep and for the PyTorch-operators path (the one CUDA runs)."""
     images, labels = mnist
     images = images.double()
 
@@ -142,14 +154,16 @@ def test_full_cycle_identical(name, kernels, mnist):
             return build_model("convnet", torch.Generator().manual_seed(4), depth=2, channels=3).double()
         return randomize(small_nets()[name], seed=4).double()
 
-    reference_model, fast_model = build(), build()
+    reference_model = build()
     expected = run_cycle(reference_model, "reference", images, labels, 32, seed=5)
-    got = run_cycle(fast_model, "fast", images, labels, 32, seed=5, kernels=kernels)
-    assert [d[:2] for d in got] == [d[:2] for d in expected]
-    for (_, _, a), (_, _, b) in zip(got, expected):
-        assert a == pytest.approx(b, rel=1e-12)
-    for (name_a, a), (_, b) in zip(reference_model.state_dict().items(), fast_model.state_dict().items()):
-        assert torch.equal(a, b), name_a
+    for kernels in ("auto", "torch"):
+        fast_model = build()
+        got = run_cycle(fast_model, "fast", images, labels, 32, seed=5, kernels=kernels)
+        assert [d[:2] for d in got] == [d[:2] for d in expected], kernels
+        for (_, _, a), (_, _, b) in zip(got, expected):
+            assert a == pytest.approx(b, rel=1e-12)
+        for (key, a), (_, b) in zip(reference_model.state_dict().items(), fast_model.state_dict().items()):
+            assert torch.equal(a, b), (kernels, key)
 
 
 def test_registry_and_auto():

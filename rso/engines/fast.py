@@ -71,6 +71,9 @@ class FastEngine(ScoringEngine):
             raise ValueError(f"unknown suffix precision {suffix_precision!r}; choose None or bfloat16")
         self.kernels = kernels
         self.suffix_precision = suffix_precision
+        if kernels != "torch":
+            from rso.engines import kernels as numba_kernels
+            numba_kernels.set_threads(torch.get_num_threads())
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
