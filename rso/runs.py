@@ -98,13 +98,21 @@ class RunLogger:
         self.printer = printer
         self._log = open(folder / "log.txt", "a", buffering=1)
 
-    def describe(self, config: dict, device: torch.device | str, argv: list[str] | None, extra: dict | None = None) -> None:
-        write_json(self.folder / "config.json", config)
-        write_json(self.folder / "meta.json", {
+    def describe(self, config: dict, device: torch.device | str, argv: list[str] | None, resumed_at: int | None = None) -> None:
+        """Write config.json and meta.json; a resumed run keeps the first meta.json and appends to its resumes."""
+        entry = {
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([sys.executable, "-m", "rso.train", *(argv if argv is not None else sys.argv[1:])]),
             "git_revision": git_revision(), "versions": versions(), "threads": thread_settings(),
-            "machine": machine_description(device), **(extra or {})})
+            "machine": machine_description(device)}
+        meta_path = self.folder / "meta.json"
+        if resumed_at is not None and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            meta.setdefault("resumes", []).append({**entry, "at_step": resumed_at})
+        else:
+            meta = entry
+        write_json(self.folder / "config.json", config)
+        write_json(meta_path, meta)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)

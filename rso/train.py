@@ -118,8 +118,8 @@ class Trainer:
             self.folder = unique_run_dir(config.run_dir, config.name or
                                          f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.logger = RunLogger(self.folder, printer=tqdm.write)
-        self.logger.describe(config.to_dict(), self.device, argv, {"resumed_from": self.progress.state()["visits"]
-                                                                    if state is not None else None})
+        self.logger.describe(config.to_dict(), self.device, argv,
+                             resumed_at=self.progress.visits if state is not None else None)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:

@@ -77,6 +77,8 @@ def test_interrupt_and_resume_ends_with_the_same_weights(tmp_path, data_dir, mon
     monkeypatch.setattr(train_module, "run_sweep", real_sweep)
     assert main(["--resume", str(tmp_path / "interrupted"), "--no-progress"]) == 0
 
+    meta = json.loads((tmp_path / "interrupted" / "meta.json").read_text())
+    assert len(meta["resumes"]) == 1 and meta["resumes"][0]["at_step"] == partial["progress"]["visits"]
     straight = load_checkpoint(tmp_path / "straight")
     resumed = load_checkpoint(tmp_path / "interrupted")
     for key, value in straight["model"].items():
