@@ -19,6 +19,7 @@ from pathlib import Path
 from experiments import common
 from rso.checkpoint import load_checkpoint
 from rso.config import TrainConfig
+from rso.evaluate import evaluate, recalibrate_batchnorm
 from rso.models import build_model, count_weights
 from rso.train import train
 
@@ -61,10 +62,34 @@ def per_cycle_rows(history: list[dict], weights: int) -> list[dict]:
     return ends
 
 
+def evaluate_checkpoint(state: dict, config: TrainConfig) -> dict | None:
+    """A history entry for the checkpoint's weights when the run stopped between evaluations (else None).
+
+    The run saves after every layer sweep but evaluates after every cycle, so a harvest in mid-cycle evaluates
+    the saved weights itself, the same way (BN statistics from ``bn_samples`` training examples, then the test set).
+    """
+    progress = state["progress"]
+    history = progress["history"]
+    if progress["visits"] == 0 or (history and history[-1]["step"] == progress["visits"]):
+        return None
+    data = common.mnist(config.train_subset, config.test_subset)
+    model = build_model(config.model, None, **config.model_options())
+    model.load_state_dict(state["model"])
+    recalibrate_batchnorm(model, data.train_images[: config.bn_samples])
+    accuracy, test_loss = evaluate(model, data.test_images, data.test_labels)
+    return {"step": progress["visits"], "seconds": round(progress["seconds"], 3),
+            "forward_samples": progress["forward_samples"], "accepted": progress["accepted"],
+            "train_loss": float("nan"), "test_accuracy": accuracy, "test_loss": test_loss,
+            "target": f"sweep {progress['target_index']} of the cycle, evaluated at harvest"}
+
+
 def report(out: Path, config: TrainConfig, state: dict, record_args, argv, status: str) -> list[dict]:
     progress = state["progress"]
     weights = count_weights(build_model(config.model, None, **config.model_options()))
-    history = progress["history"]
+    history = list(progress["history"])
+    extra = evaluate_checkpoint(state, config)
+    if extra is not None:
+        history.append(extra)
     rows = per_cycle_rows(history, weights)
     common.write_csv(out / "per_cycle.csv", rows)
     common.write_csv(out / "history.csv", [{"weight_visits": e["step"], "cycles": round(e["step"] / weights, 4), **e}
