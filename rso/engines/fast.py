@@ -158,6 +158,13 @@ class FastEngine(ScoringEngine):
             return inputs[:, rest:rest + 1]
         _, _, height, width = layer.weight.shape
         source, offset = divmod(rest, height * width)
+        if layer.stride == (1, 1) and layer.dilation == (1, 1) and isinstance(layer.padding, tuple):
+            # a shifted copy of the input channel: exact, and far cheaper than a 1x1-channel convolution
+            row, column = divmod(offset, width)
+            (pad_h, pad_w), (in_h, in_w) = layer.padding, inputs.shape[2:]
+            padded = F.pad(inputs[:, source:source + 1], (pad_w, pad_w, pad_h, pad_h))
+            out_h, out_w = in_h + 2 * pad_h - height + 1, in_w + 2 * pad_w - width + 1
+            return padded[:, :, row:row + out_h, column:column + out_w]
         unit = torch.zeros(1, 1, height, width, dtype=inputs.dtype, device=inputs.device)
         unit.view(-1)[offset] = 1.0
         return F.conv2d(inputs[:, source:source + 1], unit, None, layer.stride, layer.padding, layer.dilation)
@@ -263,15 +270,36 @@ class FastEngine(ScoringEngine):
         losses = torch.empty(next_outputs.shape[0], dtype=torch.float64)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.suffix_precision == "bfloat16"
                     else torch.autocast(self.device.type, enabled=False))
-        with batch_statistics(self.model), autocast:
-            logits = []
-            for x in next_outputs:
-                for layer in self.plan.suffix:
-                    x = layer(x)
-                logits.append(x)
+        with autocast:
+            logits = [self._run_suffix(x) for x in next_outputs]
         for k, z in enumerate(logits):
             losses[k] = summed_cross_entropy(z, labels)
         return losses
+
+    def _run_suffix(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers after the next linear layer, BN on this batch's statistics; ``x`` is left unchanged.
+
+        Convolutions run in channels-last layout (about twice the rate of NCHW for 16-channel 3x3 convs on
+        CPU); the values are the same up to rounding.
+        """
+        owned = False   # x may be modified in place once it is a tensor of our own
+        for layer in self.plan.suffix:
+            if isinstance(layer, nn.ReLU) and owned:
+                x = F.relu_(x)
+                continue
+            if isinstance(layer, nn.ReLU):
+                x = F.relu(x)
+            elif isinstance(layer, nn.Conv2d):
+                x = F.conv2d(x.contiguous(memory_format=torch.channels_last), layer.weight, layer.bias,
+                             layer.stride, layer.padding, layer.dilation)
+            elif isinstance(layer, BATCHNORMS):
+                x = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+            else:
+                x = layer(x)    # pooling makes a new tensor, Flatten/Identity a view of the same ownership
+                owned = owned or not isinstance(layer, (nn.Flatten, nn.Identity))
+                continue
+            owned = True
+        return x
 
     # ------------------------------------------------------------------------------------------ interface
     @torch.no_grad()
