@@ -21,6 +21,7 @@ from rso.checkpoint import load_checkpoint
 from rso.config import TrainConfig
 from rso.evaluate import evaluate, recalibrate_batchnorm
 from rso.models import build_model, count_weights
+from rso.search.visit import visit_order
 from rso.train import train
 
 PAPER_CLAIMS = "paper: 98% after 5 cycles; 99.12% after 50 cycles (SGD 99.27% after 50 epochs)"
@@ -80,7 +81,8 @@ def evaluate_checkpoint(state: dict, config: TrainConfig) -> dict | None:
     return {"step": progress["visits"], "seconds": round(progress["seconds"], 3),
             "forward_samples": progress["forward_samples"], "accepted": progress["accepted"],
             "train_loss": float("nan"), "test_accuracy": accuracy, "test_loss": test_loss,
-            "target": f"sweep {progress['target_index']} of the cycle, evaluated at harvest"}
+            "target": f"{progress['target_index']} of {len(visit_order(model))} layer sweeps of cycle "
+                      f"{progress['cycle'] + 1} done; checkpoint evaluated at harvest"}
 
 
 def report(out: Path, config: TrainConfig, state: dict, record_args, argv, status: str) -> list[dict]:
@@ -100,10 +102,13 @@ def report(out: Path, config: TrainConfig, state: dict, record_args, argv, statu
             f"({progress['visits']} weight visits, {progress['seconds']:.0f} s of training); {status}; "
             f"{common.data_description(config, record_args)}")
     record = common.provenance(record_args, argv, what)
-    body = [[row["cycle"] if row["complete_cycle"] else f"{row['cycle']} (in progress, after {row['last_sweep']})",
+    body = [[row["cycle"] if row["complete_cycle"] else f"{row['cycle']} (in progress)",
              f"{row['test_accuracy']:.4f}", f"{row['test_loss']:.4f}", f"{row['train_loss']:.4f}", row["weight_visits"],
              f"{float(row['forward_samples']):.3g}", f"{row['seconds']:.0f}"] for row in rows]
-    summary = (f"{complete} complete cycle(s) of {config.cycles} planned ran ({status}). {PAPER_CLAIMS}.\n\n"
+    partial = "" if not rows or rows[-1]["complete_cycle"] else (
+        f" The last row is a cycle in progress ({rows[-1]['last_sweep']}; {progress['visits']} of "
+        f"{(complete + 1) * weights} weight visits).")
+    summary = (f"{complete} complete cycle(s) of {config.cycles} planned ran ({status}).{partial} {PAPER_CLAIMS}.\n\n"
                + common.markdown_table(["cycle", "test accuracy", "test loss", "train loss (mini-batch)",
                                         "weight visits", "forward samples", "training seconds"], body)
                + "\nTest accuracy after each cycle uses BN statistics recomputed on "
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         state = load_checkpoint(checkpoint)
         saved = TrainConfig.from_dict(state["config"])
         done = state["progress"]["cycle"]
-        report(out, saved, state, args, argv, f"harvested from {checkpoint} while at cycle {done}")
+        report(out, saved, state, args, argv, f"harvested from {checkpoint} with {done} cycle(s) done")
         return 0
     print(f"{'continuing' if checkpoint.is_file() else 'starting'} {checkpoint.parent}", flush=True)
     data = common.mnist(config.train_subset, config.test_subset)

@@ -114,6 +114,6 @@ def test_paper_quick_stopped_mid_cycle_reports_the_saved_weights(tmp_path):
     out = quick(paper, tmp_path, "paper", "--cycles", "1", "--max-minutes", "0.00001")
     per_cycle = rows(out / "per_cycle.csv")
     assert len(per_cycle) == 1 and per_cycle[0]["complete_cycle"] == "False"
-    assert "evaluated at harvest" in per_cycle[0]["last_sweep"]
+    assert "evaluated at harvest" in per_cycle[0]["last_sweep"] and "layer sweeps of cycle 1 done" in per_cycle[0]["last_sweep"]
     assert 0 <= float(per_cycle[0]["test_accuracy"]) <= 1
     assert "0 complete cycle(s) of 1 planned" in (out / "summary.md").read_text()
