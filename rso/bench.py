@@ -57,6 +57,7 @@ def visit(engine, target, index: int, step: float, chunk: int, weight_decay: flo
 
 
 def measure_tensor(engine, model, target, images, labels, batch_size, visits, seed, device):
+    # note: the fast engine's cost per visit depends on the layer, not on the element (weight, bias or BN)
     """(seconds per visit, projected seconds per sweep, measured visits, flops per visit or None)."""
     generator = torch.Generator().manual_seed(seed)
     partition, chunks, steps = draw_sweep(target, len(labels), batch_size, target.sigma, gaussian_steps, generator)
@@ -120,7 +121,8 @@ def forward_flops(model, images) -> int:
     return counter.get_total_flops()
 
 
-def bench_case(name, batch_size, data, device, dtype, fast_visits, reference_visits, reference_tensors, seed):
+def bench_case(name, batch_size, data, device, dtype, fast_visits, small_visits, reference_visits, reference_tensors,
+               seed):
     torch.manual_seed(seed)
     images = data.train_images.to(device, dtype)
     labels = data.train_labels.to(device)
@@ -131,8 +133,9 @@ def bench_case(name, batch_size, data, device, dtype, fast_visits, reference_vis
     # fast engine: every tensor
     model = copy.deepcopy(original)
     for position, target in enumerate(visit_order(model)):
+        visits = fast_visits if target.kind == "weight" else small_visits
         per_visit, sweep, count, flops = measure_tensor(FastEngine(), model, target, images, labels, batch_size,
-                                                        fast_visits, seed + position, device)
+                                                        visits, seed + position, device)
         rows[target.name].update(fast_us=per_visit * 1e6, fast_sweep_s=sweep, fast_visits=count, fast_flops=flops)
         print(f"  {name} {target.name:>12}: fast {per_visit * 1e6:12.1f} us/visit ({count} visits)", flush=True)
     # reference engine: a few tensors, the mean for all
@@ -224,7 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m rso.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--fast-visits", type=int, default=24, help="visits sampled per tensor (fast engine)")
+    parser.add_argument("--fast-visits", type=int, default=12,
+                        help="visits sampled per weight tensor (fast engine; >= n_chunks fills every chunk's cache)")
+    parser.add_argument("--small-visits", type=int, default=3, help="visits per bias/BN tensor (fast engine)")
     parser.add_argument("--reference-visits", type=int, default=2, help="visits per sampled tensor (reference)")
     parser.add_argument("--reference-tensors", type=int, default=3, help="tensors the reference is sampled on")
     parser.add_argument("--train-subset", type=int, default=None, help="training examples (default all 60000)")
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
-        args.fast_visits, args.reference_visits, args.reference_tensors = 4, 1, 1
+        args.fast_visits, args.small_visits, args.reference_visits, args.reference_tensors = 4, 2, 1, 1
         args.train_subset = args.train_subset or 6000
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     data = load_mnist(os.environ.get("RSO_DATA_DIR"), train_subset=args.train_subset, test_subset=1)
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     rates = peak_rates(device, dtype)
     print(f"machine: matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s", flush=True)
     wanted = args.models.split(",")
-    results = [bench_case(name, batch, data, device, dtype, args.fast_visits, args.reference_visits,
+    results = [bench_case(name, batch, data, device, dtype, args.fast_visits, args.small_visits, args.reference_visits,
                           args.reference_tensors, args.seed) for name, batch in CASES if name in wanted]
     text = table(results)
     print(text)
