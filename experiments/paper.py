@@ -86,6 +86,7 @@ def evaluate_checkpoint(state: dict, config: TrainConfig) -> dict | None:
 
 
 def report(out: Path, config: TrainConfig, state: dict, record_args, argv, status: str) -> list[dict]:
+    record_args.engine = config.engine  # the engine the run was trained with, not this invocation's default
     progress = state["progress"]
     weights = count_weights(build_model(config.model, None, **config.model_options()))
     history = list(progress["history"])
