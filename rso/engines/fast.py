@@ -76,6 +76,8 @@ class _Chunk:
     block_output: torch.Tensor | None = None     # A: (B, 1, ...) for ``channel``, current weights
     preactivation: torch.Tensor | None = None    # P: (B, 1, ...) for ``channel``, current weights
     synced: int = 0               # length of the change log the caches include
+    current_loss: float | None = None   # the chunk's loss under the weights of log length ``loss_version``
+    loss_version: int = -1
 
 
 class FastEngine(ScoringEngine):
@@ -292,15 +294,19 @@ class FastEngine(ScoringEngine):
         state.synced = len(self.log)
 
     @torch.no_grad()
-    def _suffix_losses(self, next_outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        losses = torch.empty(next_outputs.shape[0], dtype=torch.float64)
+    def _candidate_loss(self, state: _Chunk, out: torch.Tensor, k: int, channel: int, offset: int,
+                        size: int) -> float:
+        """Loss of candidate ``k`` of ``out`` (the block outputs): through the next layer, then the suffix.
+
+        One candidate at a time, so only one copy of the next layer's output is alive (memory).
+        """
+        next_output = self._through_next(state.next_output, state.block_output, out[:, k:k + 1], channel,
+                                         offset, size)[0]
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.suffix_precision == "bfloat16"
                     else torch.autocast(self.device.type, enabled=False))
         with autocast:
-            logits = [self._run_suffix(x) for x in next_outputs]
-        for k, z in enumerate(logits):
-            losses[k] = summed_cross_entropy(z, labels)
-        return losses
+            logits = self._run_suffix(next_output)
+        return summed_cross_entropy(logits, state.labels).item()
 
     def _run_suffix(self, x: torch.Tensor) -> torch.Tensor:
         """The layers after the next linear layer, BN on this batch's statistics; ``x`` is left unchanged.
@@ -344,9 +350,17 @@ class FastEngine(ScoringEngine):
             pre = state.preactivation + (candidates - current).view(shape) * self._basis(state.inputs, index)
             override = None
         out, offset, size = self._block(pre, channel, override)
-        next_outputs = self._through_next(state.next_output, state.block_output, out, channel, offset, size)
-        losses = self._suffix_losses(next_outputs, state.labels)
-        self._last = (chunk, index, values.tolist(), out, pre, next_outputs)
+        # candidate 0 is often the current weight (no weight decay); when no change was accepted since this
+        # chunk's loss was last computed, that loss is candidate 0's, and its suffix pass is skipped
+        unchanged = values[0].item() == self.target.parameter.detach().view(-1)[index].item()
+        known = state.current_loss if unchanged and state.loss_version == len(self.log) else None
+        losses = torch.empty(count, dtype=torch.float64)
+        for k in range(count):
+            losses[k] = known if k == 0 and known is not None else \
+                self._candidate_loss(state, out, k, channel, offset, size)
+        if unchanged:
+            state.current_loss, state.loss_version = losses[0].item(), len(self.log)
+        self._last = (chunk, index, values.tolist(), out, pre, losses, offset, size)
         return losses
 
     def commit(self, index: int, value: float, chunk: int) -> None:
@@ -358,10 +372,14 @@ class FastEngine(ScoringEngine):
             k = last[2].index(value)
             state = self.chunks[chunk]
             if state.synced == len(self.log) - 1:   # the caches were current when scored: take the candidate's
-                state.block_output = last[3][:, k:k + 1].clone()
+                new = last[3][:, k:k + 1].clone()
+                with torch.no_grad():
+                    state.next_output = self._through_next(state.next_output, state.block_output, new, channel,
+                                                           last[6], last[7])[0]
+                state.block_output = new
                 state.preactivation = last[4][:, k:k + 1].clone()
-                state.next_output = last[5][k].clone()
                 state.channel, state.synced = channel, len(self.log)
+                state.current_loss, state.loss_version = last[5][k].item(), len(self.log)
 
     def run_sweep(self, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress) -> None:
         """The whole sweep: the fused numba loop for the output layer on CPU, the per-visit loop otherwise."""

@@ -30,7 +30,10 @@ def available() -> bool:
 def set_threads(count: int) -> None:
     """Match numba's pool to torch's so the two never ask for more threads than cores."""
     if numba is not None:
+        torch_threads = torch.get_num_threads()
         numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+        # note: starting numba's pool resets the OpenMP thread count torch uses; put torch's back
+        torch.set_num_threads(torch_threads)
 
 
 def _dense_head_loop(features, logits, labels, chunk_of_visit, row_of_visit, column_of_visit, values, current,
