@@ -3,6 +3,7 @@ cycle; the ratio; peak memory; achieved FLOP rate next to a matmul/conv rate mea
 
     python -m rso.bench                      # paper6 at batch 5000 and oneconv at batch 512, current device
     python -m rso.bench --quick              # fewer samples (a smoke test)
+    python -m rso.bench --threads 2          # both engines with two torch threads
 
 For each tensor of the visit order the fast engine runs ``--fast-visits`` consecutive visits of a real sweep
 (row-major order, chunk ``j mod n_chunks``, accepts written back), after filling its per-chunk caches; a
@@ -237,7 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="results/bench", help="folder for bench.json and bench.txt")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 6000 examples, few visits")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both engines (default 1: on these shared 2-core machines one "
+                             "thread per process measured faster for both engines; use 2 on an idle machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.fast_visits, args.small_visits, args.reference_visits, args.reference_tensors = 4, 2, 1, 1
         args.train_subset = args.train_subset or 6000
