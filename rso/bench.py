@@ -76,6 +76,7 @@ def measure_tensor(engine, model, target, images, labels, batch_size, visits, se
         if isinstance(engine, FastEngine):
             used = min(partition.n_chunks, count)
             start = time.perf_counter()
+            engine.prebuild(list(range(used)))
             for chunk in range(used):
                 engine._chunk(chunk)
             sync(device)

@@ -160,6 +160,31 @@ class FastEngine(ScoringEngine):
             self.chunks[chunk] = state
         return state
 
+    @torch.no_grad()
+    def prebuild(self, chunks: list[int], block: int = 8192) -> None:
+        """Fill the caches of ``chunks`` in a few large batches: only where no BN is below the next linear
+        layer, so an example's activations do not depend on the rest of its chunk (e.g. a dense head)."""
+        below = self.plan.layers[:self.plan.next_index + 1]
+        wanted = [chunk for chunk in chunks if chunk not in self.chunks]
+        if len(wanted) < 2 or any(isinstance(layer, BATCHNORMS) for layer in below):
+            return
+        rows = torch.cat([self.partition.indices(chunk) for chunk in wanted])
+        inputs, outputs = [], []
+        for start in range(0, len(rows), block):
+            x = self.images[rows[start:start + block]]
+            for layer in self.plan.layers[:self.plan.searched]:
+                x = layer(x)
+            y = x
+            for layer in self.plan.layers[self.plan.searched:self.plan.next_index + 1]:
+                y = layer(y)
+            inputs.append(x)
+            outputs.append(y)
+        inputs, outputs = torch.cat(inputs), torch.cat(outputs)
+        size = self.partition.batch_size
+        for position, chunk in enumerate(wanted):
+            part = slice(position * size, (position + 1) * size)
+            self.chunks[chunk] = _Chunk(inputs[part], self.labels[rows[part]], outputs[part], synced=len(self.log))
+
     def _locate(self, index: int) -> int:
         return index // self._per_channel
 
@@ -384,6 +409,7 @@ class FastEngine(ScoringEngine):
     def run_sweep(self, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress) -> None:
         """The whole sweep: the fused numba loop for the output layer on CPU, the per-visit loop otherwise."""
         from rso.search.loop import visit_each_weight
+        self.prebuild(sorted(set(chunks.tolist())))
         if self.plan.head_only and self.use_numba():
             from rso.engines.kernels import dense_head_sweep
             dense_head_sweep(self, chunks, steps, weight_decay, stats, progress)

@@ -38,8 +38,12 @@ def set_threads(count: int) -> None:
 
 def _dense_head_loop(features, logits, labels, chunk_of_visit, row_of_visit, column_of_visit, values, current,
                      choices, losses):
-    """Returns -1, or the visit at which every candidate loss was non-finite (losses filled up to it)."""
-    batch, classes = logits.shape[1], logits.shape[2]
+    """Returns -1, or the visit at which every candidate loss was non-finite (losses filled up to it).
+
+    Layouts are (chunk, feature, example) and (chunk, class, example): a visit reads feature ``i`` and an
+    accept updates class ``j`` along contiguous memory.
+    """
+    classes, batch = logits.shape[1], logits.shape[2]
     n_chunks = logits.shape[0]
     candidates = values.shape[1]
     for t in range(values.shape[0]):
@@ -47,22 +51,21 @@ def _dense_head_loop(features, logits, labels, chunk_of_visit, row_of_visit, col
         for c in range(candidates):
             losses[t, c] = 0.0
         for b in range(batch):
-            z = logits[k, b]
-            x = features[k, b, i] if i >= 0 else 1.0
+            x = features[k, i, b] if i >= 0 else 1.0
             top = -math.inf
             for l in range(classes):
-                if l != j and z[l] > top:
-                    top = z[l]
+                if l != j and logits[k, l, b] > top:
+                    top = logits[k, l, b]
             rest = 0.0
             for l in range(classes):
                 if l != j:
-                    rest += math.exp(z[l] - top)
+                    rest += math.exp(logits[k, l, b] - top)
             y = labels[k, b]
             for c in range(candidates):
-                zj = z[j] + (values[t, c] - current[t]) * x
+                zj = logits[k, j, b] + (values[t, c] - current[t]) * x
                 high = max(top, zj)
                 lse = high + math.log(rest * math.exp(top - high) + math.exp(zj - high))
-                losses[t, c] += lse - (zj if y == j else z[y])
+                losses[t, c] += lse - (zj if y == j else logits[k, y, b])
         best, choice = math.inf, -1
         for c in range(candidates):
             value = losses[t, c]
@@ -74,9 +77,12 @@ def _dense_head_loop(features, logits, labels, chunk_of_visit, row_of_visit, col
         delta = values[t, choice] - current[t]
         if values[t, choice] != current[t]:
             for kk in range(n_chunks):
-                for b in range(batch):
-                    x = features[kk, b, i] if i >= 0 else 1.0
-                    logits[kk, b, j] += delta * x
+                if i >= 0:
+                    for b in range(batch):
+                        logits[kk, j, b] += delta * features[kk, i, b]
+                else:
+                    for b in range(batch):
+                        logits[kk, j, b] += delta
     return -1
 
 
@@ -102,8 +108,9 @@ def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_d
     used = sorted(set(chunks.tolist()))
     position = {chunk: p for p, chunk in enumerate(used)}
     states = [engine._chunk(chunk) for chunk in used]
-    features = torch.stack([state.inputs for state in states]).cpu().numpy()
-    logits = torch.stack([state.next_output for state in states]).cpu().to(torch.float64).numpy()
+    features = torch.stack([state.inputs for state in states]).transpose(1, 2).contiguous().cpu().numpy()
+    logits = torch.stack([state.next_output for state in states]).transpose(1, 2).cpu().to(torch.float64)
+    logits = logits.contiguous().numpy()
     labels = torch.stack([state.labels for state in states]).cpu().numpy()
     chunk_of_visit = np.array([position[chunk] for chunk in chunks.tolist()], dtype=np.int64)
     indices = np.arange(numel, dtype=np.int64)
