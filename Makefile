@@ -8,7 +8,7 @@ RUNS ?= runs
 TORCH_CPU ?= torch==2.13.0
 
 .PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard bench clean help \
-	landscapes overparam compare batch-size depth ablations paper experiments-quick readme
+	landscapes overparam compare batch-size depth ablations paper experiments-quick readme record-mnist-rso
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -22,6 +22,9 @@ test: install ## run the test suite (a few minutes on 2 CPU cores)
 
 mnist-rso: install ## train the default RSO run on MNIST (under 15 min on 2 CPU cores)
 	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso $(ARGS)
+
+record-mnist-rso: install ## copy runs/mnist-rso into results/mnist_rso with an independent evaluation
+	$(PYTHON) -m experiments.record_run $(RUNS)/mnist-rso results/mnist_rso
 
 mnist-rso-paper: install ## the paper's configuration: paper6, batch 5000, 50 cycles (resumable)
 	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso-paper --model paper6 --batch-size 5000 --cycles 50 --resume-if-exists $(ARGS)
@@ -52,6 +55,9 @@ landscapes: install ## the optimizer family and RSO on 2-D test functions -> res
 
 overparam: install ## optimization through an overparameterized network -> results/overparam
 	$(PYTHON) -m experiments.overparam --threads 1 $(ARGS)
+
+experiments-quick: install ## every experiment's --quick variant (seconds each; part of make test too)
+	$(PYTHON) -m pytest -q tests/test_experiments.py
 
 readme: install ## regenerate the README's results section from results/
 	$(PYTHON) -m experiments.readme_section > /dev/null
