@@ -60,7 +60,7 @@ experiments-quick: install ## every experiment's --quick variant (seconds each; 
 	$(PYTHON) -m pytest -q tests/test_experiments.py
 
 readme: install ## regenerate the README's results section from results/
-	$(PYTHON) -m experiments.readme_section > /dev/null
+	$(PYTHON) -m experiments.readme_section --update-readme README.md
 
 tensorboard: install ## serve the runs folder on http://localhost:6006
 	$(PYTHON) -m tensorboard.main --logdir $(RUNS) --host localhost --port 6006

@@ -117,3 +117,14 @@ def test_paper_quick_stopped_mid_cycle_reports_the_saved_weights(tmp_path):
     assert "evaluated at harvest" in per_cycle[0]["last_sweep"] and "layer sweeps of cycle 1 done" in per_cycle[0]["last_sweep"]
     assert 0 <= float(per_cycle[0]["test_accuracy"]) <= 1
     assert "0 complete cycle(s) of 1 planned" in (out / "summary.md").read_text()
+
+
+def test_readme_update_replaces_only_the_generated_region(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nkept above\n\n{readme_section.BEGIN}\nold text\n{readme_section.END}\n\nkept below\n")
+    assert readme_section.main(["--results", str(tmp_path / "none"), "--output", "-",
+                                "--update-readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old text" not in text and "kept above" in text and "kept below" in text
+    assert text.count(readme_section.BEGIN) == 1 and text.count(readme_section.END) == 1
+    assert "Not recorded yet: run `make mnist-rso`" in text and "Not produced yet: run `make bench`" in text
