@@ -5,19 +5,19 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import subprocess
 import sys
 
 import torch
 
+from rso.runs import git_revision
+
 
 def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    """The short commit, marked when tracked files had uncommitted changes (rso.runs.git_revision)."""
+    revision = git_revision()
+    if revision == "unknown":
         return "unknown (not a git checkout)"
+    return revision.replace("-dirty", " (with uncommitted changes)")
 
 
 def header(title: str) -> str:

@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = common.prepare(args)
     runs = build_runs(args)
-    results = common.run_all(runs, args)
-    history, finals = common.history_rows(results), common.run_rows(results)
-    common.write_csv(out / "history.csv", history)
-    common.write_csv(out / "runs.csv", finals)
+    results, history, finals = common.run_and_write(runs, args, out)
     first = runs[0].config
     what = (f"{len(runs)} variants of RSO on {first.model}, batch {first.batch_size}, {first.cycles} cycle(s); "
             f"seeds {common.seeds(args)}; {common.data_description(first, args)}")

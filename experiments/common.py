@@ -229,6 +229,15 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def run_and_write(runs: list[Run], args: argparse.Namespace, out: Path) -> tuple[list[Result], list[dict], list[dict]]:
+    """Run every config for every seed, write ``history.csv`` and ``runs.csv`` into ``out``."""
+    results = run_all(runs, args)
+    history, finals = history_rows(results), run_rows(results)
+    write_csv(out / "history.csv", history)
+    write_csv(out / "runs.csv", finals)
+    return results, history, finals
+
+
 def read_csv(path: Path) -> list[dict]:
     with Path(path).open(newline="") as handle:
         return list(csv.DictReader(handle))

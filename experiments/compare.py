@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = common.prepare(args)
     runs = build_runs(args)
-    results = common.run_all(runs, args)
-    history, finals = common.history_rows(results), common.run_rows(results)
-    common.write_csv(out / "history.csv", history)
-    common.write_csv(out / "runs.csv", finals)
+    results, history, finals = common.run_and_write(runs, args, out)
     what = "; ".join(f"{run.label}: {run.config.model}, " + (f"{run.config.cycles} cycles" if run.config.optimizer == "rso"
                                                            else f"{run.config.epochs} epochs") for run in runs)
     what += f"; seeds {common.seeds(args)}; {common.data_description(runs[0].config, args)}"

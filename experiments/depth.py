@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = common.prepare(args)
     runs = build_runs(args)
-    results = common.run_all(runs, args)
-    history, finals = common.history_rows(results), common.run_rows(results)
-    common.write_csv(out / "history.csv", history)
-    common.write_csv(out / "runs.csv", finals)
+    results, history, finals = common.run_and_write(runs, args, out)
     first = runs[0].config
     what = (f"convnet depths {sorted({r.config.depth for r in runs})}, {first.channels} channels; RSO batch {first.batch_size}, "
             f"{first.cycles} cycle(s)" + (f"; SGD {runs[1].config.epochs} epoch(s)" if args.sgd else "")
