@@ -1,7 +1,7 @@
 # rso: the commands the README shows. Each target installs what is missing first.
 PYTHON ?= python3
 # MNIST: ../shared/data when it is there (this project's machines), else ./data (downloaded on first use).
-RSO_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,./data)
+RSO_DATA_DIR ?= $(abspath $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,./data))
 export RSO_DATA_DIR
 RUNS ?= runs
 # The CPU wheel of torch: installed only when no torch is importable, so CUDA machines keep theirs.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("RSO_DATA_DIR") or ROOT.parent / "shared" / "data")
+DATA_DIR = Path(os.environ.get("RSO_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
