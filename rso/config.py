@@ -41,6 +41,7 @@ class TrainConfig:
     order: str = "output-first"
     chunking: str = "per-visit"
     engine: str = "auto"
+    suffix_precision: str | None = None    # fast engine: "bfloat16" recomputes the suffix in bf16 (inexact)
     # backprop
     epochs: int = 5
     lr: float = 0.05
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--order", choices=list(ORDERS), help="layer visiting order (default output-first)")
     group.add_argument("--chunking", choices=list(CHUNKINGS), help="a fresh chunk per weight visit (default) or one chunk per sweep")
     group.add_argument("--engine", help="candidate scoring engine: auto, reference, fast (default auto)")
+    group.add_argument("--suffix-precision", dest="suffix_precision", choices=["bfloat16"],
+                       help="fast engine only: recompute the layers after the next one in bf16; faster where "
+                            "the hardware has bf16, but it may change decisions (off by default: exact)")
     group = parser.add_argument_group("backprop baseline")
     group.add_argument("--epochs", type=int, help=f"backprop epochs (default {defaults.epochs})")
     group.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")

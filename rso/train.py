@@ -193,9 +193,14 @@ class Trainer:
 
     def _run_rso(self) -> str | None:
         config, progress = self.config, self.progress
-        engine = make_engine(config.engine, self.model)
-        if config.engine == "auto":
-            self.logger.line(f"engine: {engine.name} (auto)")
+        try:
+            engine = make_engine(config.engine, self.model, suffix_precision=config.suffix_precision)
+        except ValueError as error:
+            raise RunError(f"{error} (--suffix-precision needs the fast engine)") from None
+        if config.engine == "auto" or config.suffix_precision:
+            self.logger.line(f"engine: {engine.name} ({config.engine})"
+                             + (f", suffix in {config.suffix_precision}: decisions may differ from exact scoring"
+                                if config.suffix_precision else ""))
         targets = visit_order(self.model, config.order, config.bn_sigma)
         sampler = get_sampler(config.sampler)
         per_cycle = sum(target.numel for target in targets)

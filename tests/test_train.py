@@ -122,6 +122,11 @@ def test_bad_flags_are_argparse_errors(tmp_path, data_dir, flags, message, capsy
     assert message in capsys.readouterr().err
 
 
+def test_reduced_precision_needs_the_fast_engine(tmp_path, data_dir, capsys):
+    assert run(tmp_path, "--data-dir", str(data_dir), "--engine", "reference", "--suffix-precision", "bfloat16") == 2
+    assert "the reference engine takes no option suffix_precision" in capsys.readouterr().err
+
+
 def test_missing_data_is_a_one_line_error(tmp_path, capsys):
     assert run(tmp_path, "--data-dir", str(tmp_path / "nowhere")) == 2
     err = capsys.readouterr().err

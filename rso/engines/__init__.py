@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from torch import nn
@@ -23,7 +24,12 @@ def make_engine(name: str, model: nn.Module | None = None, **options) -> Scoring
         name = "fast" if "fast" in ENGINES and model is not None and ENGINES["fast"][0].supports(model) else "reference"
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose one of auto, {', '.join(ENGINES)}")
-    return ENGINES[name][0](**options)
+    factory = ENGINES[name][0]
+    given = {key: value for key, value in options.items() if value is not None}
+    unknown = sorted(set(given) - set(inspect.signature(factory).parameters))
+    if unknown:
+        raise ValueError(f"the {name} engine takes no option {', '.join(unknown)}")
+    return factory(**given)
 
 
 __all__ = ["ENGINES", "ChunkPartition", "FastEngine", "ReferenceEngine", "ScoringEngine", "batch_statistics", "make_engine",
