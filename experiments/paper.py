@@ -19,7 +19,7 @@ from pathlib import Path
 from experiments import common
 from rso.checkpoint import load_checkpoint
 from rso.config import TrainConfig
-from rso.evaluate import evaluate, recalibrate_batchnorm
+from rso.evaluate import evaluate_checkpoint as evaluate_saved_weights
 from rso.models import build_model, count_weights
 from rso.search.visit import visit_order
 from rso.train import train
@@ -74,14 +74,14 @@ def evaluate_checkpoint(state: dict, config: TrainConfig) -> dict | None:
     if progress["visits"] == 0 or (history and history[-1]["step"] == progress["visits"]):
         return None
     data = common.mnist(config.train_subset, config.test_subset)
-    model = build_model(config.model, None, **config.model_options())
-    model.load_state_dict(state["model"])
-    recalibrate_batchnorm(model, data.train_images[: config.bn_samples])
-    accuracy, test_loss = evaluate(model, data.test_images, data.test_labels)
+    # a checkpoint saved between evaluations has stale BN statistics: rso.evaluate recomputes them
+    result = evaluate_saved_weights({**state, "bn_statistics_step": None}, data, config.bn_samples)
+    accuracy, test_loss = result["test_accuracy"], result["test_loss"]
+    n_tensors = len(visit_order(build_model(config.model, None, **config.model_options())))
     return {"step": progress["visits"], "seconds": round(progress["seconds"], 3),
             "forward_samples": progress["forward_samples"], "accepted": progress["accepted"],
             "train_loss": float("nan"), "test_accuracy": accuracy, "test_loss": test_loss,
-            "target": f"{progress['target_index']} of {len(visit_order(model))} layer sweeps of cycle "
+            "target": f"{progress['target_index']} of {n_tensors} layer sweeps of cycle "
                       f"{progress['cycle'] + 1} done; checkpoint evaluated at harvest"}
 
 

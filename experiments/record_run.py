@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from rso.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from rso.checkpoint import CheckpointError, load_checkpoint
 from rso.data import DataError, load_mnist
-from rso.evaluate import evaluate
+from rso.evaluate import evaluate_checkpoint
 
 COPIED = ("config.json", "meta.json", "log.txt", "final.json")
 
@@ -28,14 +28,12 @@ def record(run: Path, out: Path, data_dir: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         shutil.copy(run / name, out / name)
-    state = load_checkpoint(run)
-    model = model_from_checkpoint(state)
-    data = load_mnist(data_dir)
-    accuracy, loss = evaluate(model, data.test_images.to(next(model.parameters()).dtype), data.test_labels)
+    result = evaluate_checkpoint(load_checkpoint(run), load_mnist(data_dir))
     final = json.loads((run / "final.json").read_text())
+    accuracy = result["test_accuracy"]
     check = {"checkpoint": str(run / "checkpoint.pt"), "independent_test_accuracy": accuracy,
-             "independent_test_loss": loss, "reported_test_accuracy": final["test_accuracy"],
-             "agree": abs(accuracy - final["test_accuracy"]) < 1e-9, "test_examples": len(data.test_labels)}
+             "independent_test_loss": result["test_loss"], "reported_test_accuracy": final["test_accuracy"],
+             "agree": abs(accuracy - final["test_accuracy"]) < 1e-9, "test_examples": result["test_examples"]}
     (out / "independent_evaluation.json").write_text(json.dumps(check, indent=2) + "\n")
     return check
 

@@ -47,8 +47,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')}, this rso reads version {VERSION}")
     for key in ("model", "config"):
-        if key not in state:
-            raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}' (or it is not a dict)")
     return state
 
 

@@ -142,7 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rso.train", argument_default=argparse.SUPPRESS,
         description="Train a network on MNIST by RSO (gradient-free) or by backprop (SGD/Adam baseline).")
-    add = parser.add_argument
     group = parser.add_argument_group("model and optimizer")
     group.add_argument("--model", choices=list(MODELS), help=f"model from the registry (default {defaults.model})")
     group.add_argument("--widths", type=_widths, help="mlp hidden widths, e.g. 256,128 (default 128)")
@@ -181,14 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--eval-every", dest="eval_every", choices=["sweep", "cycle"], help="RSO: evaluate after every layer sweep (default) or cycle")
     group.add_argument("--bn-samples", dest="bn_samples", type=_positive_int, help="training examples used to recompute BN statistics before each evaluation (the final one uses all)")
     group.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="stop once test accuracy exceeds this (0..1)")
-    group.add_argument("--max-seconds", dest="max_seconds", type=float, help="stop after this much training time")
+    group.add_argument("--max-seconds", dest="max_seconds", type=float, help="stop once the run's wall time (training and evaluation, summed over resumes) passes this")
     group = parser.add_argument_group("the run")
     group.add_argument("--run-dir", dest="run_dir", help="parent folder of runs (default runs)")
     group.add_argument("--name", help="run name (default: model-optimizer-time); an existing name gets a suffix")
     group.add_argument("--resume", help="continue the run in this folder (or from this checkpoint.pt)")
     group.add_argument("--resume-if-exists", dest="resume_if_exists", action="store_true", help="resume run-dir/name if it has a checkpoint, else start it")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    del add
     return parser
 
 

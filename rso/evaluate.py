@@ -56,8 +56,38 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / len(labels), loss / len(labels)
 
 
+def bn_statistics_current(state: dict) -> bool:
+    """Whether a checkpoint's BN running statistics were computed from the weights it holds.
+
+    Training saves after every layer sweep but recomputes BN statistics only when it evaluates, so a
+    checkpoint saved between evaluations carries statistics of earlier weights.
+    """
+    progress = state.get("progress") or {}
+    return state.get("bn_statistics_step") == progress.get("visits")
+
+
+def evaluate_checkpoint(state: dict, data, bn_samples: int | None = None) -> dict:
+    """Test accuracy and loss of a checkpoint's model, as the run measures it.
+
+    Where the checkpoint's BN statistics are stale (see :func:`bn_statistics_current`) they are recomputed
+    first, from the first ``bn_samples`` training examples (all of them when None).
+    """
+    from rso.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(state)
+    dtype = next(model.parameters()).dtype
+    has_batchnorm = any(isinstance(module, BATCHNORMS) for module in model.modules())
+    recomputed = has_batchnorm and not bn_statistics_current(state)
+    if recomputed:
+        recalibrate_batchnorm(model, data.train_images[:bn_samples].to(dtype))
+    accuracy, loss = evaluate(model, data.test_images.to(dtype), data.test_labels)
+    return {"test_accuracy": accuracy, "test_loss": loss, "test_examples": len(data.test_labels),
+            "bn_statistics_recomputed_from": (min(bn_samples or len(data.train_labels), len(data.train_labels))
+                                              if recomputed else None)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from rso.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from rso.checkpoint import CheckpointError, load_checkpoint
     from rso.data import DataError, load_mnist
 
     parser = argparse.ArgumentParser(prog="python -m rso.evaluate",
@@ -65,17 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
     parser.add_argument("--data-dir", help="folder holding MNIST/raw (default $RSO_DATA_DIR, else ./data)")
     parser.add_argument("--test-subset", type=int, help="first N test examples (default: all)")
+    parser.add_argument("--bn-samples", type=int, default=None,
+                        help="training examples for recomputing stale BN statistics (default: all)")
     args = parser.parse_args(argv)
     try:
-        checkpoint = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(checkpoint)
-        data = load_mnist(args.data_dir, test_subset=args.test_subset)
+        state = load_checkpoint(args.checkpoint)
+        data = load_mnist(args.data_dir, test_subset=args.test_subset, download=False)
+        result = evaluate_checkpoint(state, data, args.bn_samples)
     except (CheckpointError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    dtype = next(model.parameters()).dtype
-    accuracy, loss = evaluate(model, data.test_images.to(dtype), data.test_labels)
-    print(f"test accuracy {accuracy:.4f}  test loss {loss:.4f}  ({len(data.test_labels)} examples)")
+    note = (f"; BN statistics recomputed from {result['bn_statistics_recomputed_from']} training examples "
+            "(the checkpoint was saved between evaluations)" if result["bn_statistics_recomputed_from"] else "")
+    print(f"test accuracy {result['test_accuracy']:.4f}  test loss {result['test_loss']:.4f}  "
+          f"({result['test_examples']} examples{note})")
     return 0
 
 

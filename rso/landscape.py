@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rso.functions import FUNCTIONS, Objective, describe, get_function
+from rso.functions import Objective, describe, get_function
 from rso.optim import OPTIMIZERS, make_optimizer, make_schedule, optimizer_step, SCHEDULES
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black"]

@@ -8,14 +8,12 @@ uninterrupted run with the same seed would have (on CPU).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from rso.baselines import make_optimizer, train_epoch
@@ -35,6 +33,10 @@ from rso.stopping import StoppingCriteria
 
 class RunError(RuntimeError):
     """A run cannot start or go on; the message says why (and where the last checkpoint is)."""
+
+
+class ConfigError(ValueError):
+    """A flag that does not fit the data (e.g. a batch larger than the training set): a usage error."""
 
 
 class RunInterrupted(RunError):
@@ -70,6 +72,8 @@ def select_device(name: str) -> torch.device:
 def resolve_resume(config: TrainConfig, given: dict) -> tuple[TrainConfig, dict | None, Path | None]:
     """The config to run and the checkpoint to continue from, if any."""
     source = config.resume
+    if config.resume_if_exists and not config.name:
+        raise ConfigError("--resume-if-exists needs --name (the run to continue)")
     if source is None and config.resume_if_exists and config.name:
         existing = Path(config.run_dir) / config.name / "checkpoint.pt"
         source = str(existing) if existing.is_file() else None
@@ -82,7 +86,7 @@ def resolve_resume(config: TrainConfig, given: dict) -> tuple[TrainConfig, dict 
     if conflicts:
         flags = ", ".join("--" + key.replace("_", "-") for key in conflicts)
         raise RunError(f"cannot change {flags} when resuming {checkpoint_path(source)}; "
-                       f"resumable overrides: --cycles, --epochs, --device, --engine, --eval-every, --max-seconds")
+                       "flags a resume may change: " + ", ".join(sorted("--" + key.replace("_", "-") for key in RESUMABLE_OVERRIDES)))
     overrides = {key: value for key, value in given.items() if key in RESUMABLE_OVERRIDES - {"resume", "name", "run_dir"}}
     resumed = TrainConfig.from_dict({**saved.to_dict(), **overrides})
     return resumed, state, checkpoint_path(source).parent
@@ -102,11 +106,15 @@ class Trainer:
         self.dtype = getattr(torch, config.dtype)
         if data is None:
             data = load_mnist(config.data_dir, config.train_subset, config.test_subset, download=config.download)
-        config.validate(n_train=len(data.train_labels))
+        try:
+            config.validate(n_train=len(data.train_labels))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.data = data.to(self.device, self.dtype)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = build_model(config.model, self.generator, **config.model_options()).to(self.device, self.dtype)
         self.progress = Progress()
+        self.bn_statistics_step: int | None = None
         self.stopping = StoppingCriteria(metric_above=config.target_accuracy, max_seconds=config.max_seconds)
         self.optimizer = None
         if config.optimizer != "rso":
@@ -115,8 +123,12 @@ class Trainer:
             self._restore(state)
             self.folder = folder
         else:
-            self.folder = unique_run_dir(config.run_dir, config.name or
-                                         f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}")
+            name = config.name or f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+            existing = Path(config.run_dir) / name
+            if config.resume_if_exists and existing.is_dir():
+                self.folder = existing  # it has no checkpoint (else we would resume): nothing in it to lose
+            else:
+                self.folder = unique_run_dir(config.run_dir, name)
         self.logger = RunLogger(self.folder, printer=tqdm.write)
         self.logger.describe(config.to_dict(), self.device, argv,
                              resumed_at=self.progress.visits if state is not None else None)
@@ -124,7 +136,7 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         return {"model": self.model.state_dict(), "config": self.config.to_dict(), "progress": self.progress.state(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "generator": self.generator.get_state(), "bn_statistics_step": self.bn_statistics_step,
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "stopping": self.stopping.state_dict()}
 
@@ -136,7 +148,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.progress = Progress(**state["progress"])
             self.generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
+            self.bn_statistics_step = state.get("bn_statistics_step")
             if self.optimizer is not None and state.get("optimizer"):
                 self.optimizer.load_state_dict(state["optimizer"])
             if state.get("stopping"):
@@ -149,6 +161,7 @@ class Trainer:
         """Recompute BN statistics (all training examples if ``full``, else ``bn_samples``), then test."""
         images = self.data.train_images if full else self.data.train_images[: self.config.bn_samples]
         recalibrate_batchnorm(self.model, images)
+        self.bn_statistics_step = self.progress.visits  # the saved BN statistics match these weights
         return evaluate(self.model, self.data.test_images, self.data.test_labels)
 
     def record(self, step: int, train_loss: float, accuracy: float, test_loss: float, **extra) -> None:
@@ -196,7 +209,8 @@ class Trainer:
         try:
             engine = make_engine(config.engine, self.model, suffix_precision=config.suffix_precision)
         except ValueError as error:
-            raise RunError(f"{error} (--suffix-precision needs the fast engine)") from None
+            hint = " (--suffix-precision needs the fast engine)" if config.suffix_precision else ""
+            raise RunError(f"{error}{hint}") from None
         if config.engine == "auto" or config.suffix_precision:
             self.logger.line(f"engine: {engine.name} ({config.engine})"
                              + (f", suffix in {config.suffix_precision}: decisions may differ from exact scoring"
@@ -309,12 +323,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown engine {config.engine!r}; choose one of auto, {', '.join(ENGINES)}")
     try:
         train(config, given, argv)
-    except ValueError as error:       # config checks that need the data (batch size vs training set)
+    except ConfigError as error:      # config checks that need the data (batch size vs training set)
         parser.error(str(error))
     except RunInterrupted as error:
         print(f"{error}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:         # before the first sweep or during the final evaluation
+        print("interrupted; checkpoints already written are kept", file=sys.stderr)
+        return 130
     except (DataError, CheckpointError, RunError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:          # an unwritable --run-dir, a full disk
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

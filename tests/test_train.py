@@ -114,12 +114,50 @@ def test_a_run_name_in_use_gets_a_suffix(tmp_path, data_dir):
     (["--model", "resnet"], "invalid choice: 'resnet'"),
     (["--engine", "warp"], "unknown engine 'warp'"),
     (["--train-subset", "0"], "must be a positive integer, got 0"),
+    (["--resume-if-exists", "--name", ""], "--resume-if-exists needs --name"),
 ])
 def test_bad_flags_are_argparse_errors(tmp_path, data_dir, flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "--data-dir", str(data_dir), *flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_evaluating_a_mid_run_checkpoint_recomputes_stale_bn_statistics(tmp_path, data_dir, capsys):
+    # evaluation once a cycle: the checkpoint after the first sweep holds the initial BN statistics
+    flags = ["--cycles", "1", "--data-dir", str(data_dir), "--eval-every", "cycle"]
+    calls = {"n": 0}
+    real_sweep = train_module.run_sweep
+
+    def interrupting_sweep(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_sweep(*args, **kwargs)
+
+    train_module.run_sweep = interrupting_sweep
+    try:
+        assert run(tmp_path, *flags) == 130
+    finally:
+        train_module.run_sweep = real_sweep
+    state = load_checkpoint(tmp_path / "run")
+    assert state["bn_statistics_step"] is None and state["progress"]["visits"] > 0
+    assert evaluate_main([str(tmp_path / "run"), "--data-dir", str(data_dir), "--bn-samples", "1200"]) == 0
+    assert "BN statistics recomputed from 1200 training examples" in capsys.readouterr().out
+
+
+def test_unwritable_run_dir_is_a_one_line_error(tmp_path, data_dir, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run(blocker, "--data-dir", str(data_dir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_resume_if_exists_reuses_a_folder_without_checkpoint(tmp_path, data_dir):
+    (tmp_path / "run").mkdir()
+    assert run(tmp_path, "--data-dir", str(data_dir), "--cycles", "1", "--resume-if-exists") == 0
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and not (tmp_path / "run-1").exists()
 
 
 def test_reduced_precision_needs_the_fast_engine(tmp_path, data_dir, capsys):

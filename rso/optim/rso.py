@@ -10,7 +10,12 @@ One call to ``step(closure)`` is one *cycle*: every scalar of every parameter is
             w0 <- w (1 - weight_decay)
             keep argmin over {L(w0), L(w0 + dw), L(w0 - dw)}  (ties keep w0; non-finite losses never win)
 
-where ``L`` is ``closure()`` evaluated under ``torch.no_grad`` with the scalar set to the candidate. This is
+where ``L`` is ``closure()`` evaluated under ``torch.no_grad`` with the scalar set to the candidate.
+A model with BatchNorm in train mode would update its running statistics on every candidate, rejected ones
+included: evaluate such a model inside ``rso.engines.batch_statistics(model)``, as the MNIST trainer does.
+"output-first" here is the reverse of the parameters' registration order, so a BN layer's beta and gamma come
+before the conv they follow; the MNIST trainer's :func:`rso.search.visit.visit_order` visits the conv first, as
+the authors' code does. Biases take ``vector_sigma``, where the trainer gives them their layer's He std. This is
 the reference scoring: three full evaluations per scalar, nothing cached. Candidates come from
 :func:`rso.search.candidate_values` and the choice from :func:`rso.search.select_candidate`, the same rule
 as the MNIST trainer.
@@ -34,7 +39,7 @@ from torch.optim import Optimizer
 from rso.search import annealed_sigma, candidate_values, get_sampler, he_std, select_candidate
 
 ORDERS = {
-    "output-first": "reverse registration order: the layer nearest the loss first, as in the paper",
+    "output-first": "reverse registration order: the layer nearest the loss first (BN parameters before their conv)",
     "input-first": "registration order: the first layer first",
 }
 

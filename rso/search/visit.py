@@ -55,7 +55,6 @@ def visit_order(model: nn.Module, order: str = "output-first", bn_sigma: float =
         if isinstance(module, BATCHNORMS):
             targets = [SearchTarget(names[id(module.bias)], module.bias, module, "bn_beta", bn_sigma),
                        SearchTarget(names[id(module.weight)], module.weight, module, "bn_gamma", bn_sigma)]
-            targets = [target for target in targets if target.parameter is not None]
             if groups and groups[-1][0].kind in ("weight", "bias") and not isinstance(groups[-1][0].module, BATCHNORMS):
                 groups[-1].extend(targets)   # the BN that follows a conv/dense layer belongs to its group
             else:
