@@ -50,10 +50,10 @@ def keep_freed_memory() -> bool:
     Every candidate allocates tensors of tens of MB; by default glibc serves those with fresh ``mmap`` pages,
     and the page faults (costly in a VM) made elementwise ops and convolutions 1.5-5x slower than with
     reused memory. ``mallopt(M_MMAP_MAX, 0)`` and a large trim threshold keep them in the heap. Process-wide,
-    once, on Linux/glibc only; ``RSO_KEEP_MALLOC=1`` turns it off. Returns whether it is in effect.
+    once, on Linux/glibc only; ``RSO_NO_MALLOPT=1`` leaves the allocator alone. Returns whether it is in effect.
     """
     global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or os.environ.get("RSO_KEEP_MALLOC") == "1" or not sys.platform.startswith("linux"):
+    if _ALLOCATOR_TUNED or os.environ.get("RSO_NO_MALLOPT") == "1" or not sys.platform.startswith("linux"):
         return _ALLOCATOR_TUNED
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -149,16 +149,20 @@ class FastEngine(ScoringEngine):
         state = self.chunks.get(chunk)
         if state is None:
             rows = self.partition.indices(chunk)
-            x = self.images[rows]
             with batch_statistics(self.model):
-                for layer in self.plan.layers[:self.plan.searched]:
-                    x = layer(x)
-                y = x
-                for layer in self.plan.layers[self.plan.searched:self.plan.next_index + 1]:
-                    y = layer(y)
+                x, y = self._forward_to_next(self.images[rows])
             state = _Chunk(x, self.labels[rows], y, synced=len(self.log))
             self.chunks[chunk] = state
         return state
+
+    def _forward_to_next(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input of the searched layer, output of the next linear layer) for the examples ``x``."""
+        for layer in self.plan.layers[:self.plan.searched]:
+            x = layer(x)
+        y = x
+        for layer in self.plan.layers[self.plan.searched:self.plan.next_index + 1]:
+            y = layer(y)
+        return x, y
 
     @torch.no_grad()
     def prebuild(self, chunks: list[int], block: int = 8192) -> None:
@@ -171,12 +175,7 @@ class FastEngine(ScoringEngine):
         rows = torch.cat([self.partition.indices(chunk) for chunk in wanted])
         inputs, outputs = [], []
         for start in range(0, len(rows), block):
-            x = self.images[rows[start:start + block]]
-            for layer in self.plan.layers[:self.plan.searched]:
-                x = layer(x)
-            y = x
-            for layer in self.plan.layers[self.plan.searched:self.plan.next_index + 1]:
-                y = layer(y)
+            x, y = self._forward_to_next(self.images[rows[start:start + block]])
             inputs.append(x)
             outputs.append(y)
         inputs, outputs = torch.cat(inputs), torch.cat(outputs)
