@@ -210,3 +210,25 @@ def test_registry_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         make_schedule("cosine", torch.optim.SGD([scalar(1.0)], lr=0.1))
     assert all(isinstance(description, str) and description for _, description in OPTIMIZERS.values())
+
+
+def test_rso_for_model_uses_the_trainers_visit_order_and_sigmas():
+    from rso.models import build_model
+    from rso.optim import RSO
+    from rso.search.visit import visit_order
+
+    model = build_model("convnet", torch.Generator().manual_seed(0), depth=2, channels=3)
+    optimizer = RSO.for_model(model, cycles=2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    visited = [(names[id(p)], optimizer.state[p]["sigma"]) for _, p in optimizer.visit_order()]
+    expected = [(t.name, t.sigma) for t in visit_order(model)]
+    assert visited == expected and visited[1][0] == "3.weight" and visited[2][0] == "4.bias"
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    from rso.engines import batch_statistics
+
+    def closure():
+        with batch_statistics(model):
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+    before = closure().item()
+    assert optimizer.step(closure) < before

@@ -15,7 +15,8 @@ A model with BatchNorm in train mode would update its running statistics on ever
 included: evaluate such a model inside ``rso.engines.batch_statistics(model)``, as the MNIST trainer does.
 "output-first" here is the reverse of the parameters' registration order, so a BN layer's beta and gamma come
 before the conv they follow; the MNIST trainer's :func:`rso.search.visit.visit_order` visits the conv first, as
-the authors' code does. Biases take ``vector_sigma``, where the trainer gives them their layer's He std. This is
+the authors' code does. Biases take ``vector_sigma``, where the trainer gives them their layer's He std.
+:meth:`RSO.for_model` builds the optimizer with the trainer's order and sigmas instead. This is
 the reference scoring: three full evaluations per scalar, nothing cached. Candidates come from
 :func:`rso.search.candidate_values` and the choice from :func:`rso.search.select_candidate`, the same rule
 as the MNIST trainer.
@@ -37,6 +38,7 @@ import torch
 from torch.optim import Optimizer
 
 from rso.search import annealed_sigma, candidate_values, get_sampler, he_std, select_candidate
+from rso.search.visit import visit_order
 
 ORDERS = {
     "output-first": "reverse registration order: the layer nearest the loss first (BN parameters before their conv)",
@@ -84,6 +86,19 @@ class RSO(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p]["sigma"] = self.base_sigma(p, group)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, order: str = "output-first", bn_sigma: float = 0.167, **options) -> "RSO":
+        """RSO over ``model`` with the MNIST trainer's visiting order and sigmas (:func:`rso.search.visit.visit_order`).
+
+        Each conv/dense layer is visited before the beta and gamma of the BN that follows it, as in the authors'
+        code; weights and biases take their layer's He std, BN parameters ``bn_sigma``.
+        """
+        if "sigma" in options:
+            raise ValueError("for_model takes the sigmas from the model; use RSO(params, sigma=...) for one sigma")
+        targets = visit_order(model, order, bn_sigma)
+        groups = [{"params": [target.parameter], "sigma": target.sigma} for target in targets]
+        return cls(groups, order="input-first", **options)  # the groups are already in visiting order
 
     @staticmethod
     def base_sigma(p: torch.Tensor, group: dict) -> float:
