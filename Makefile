@@ -30,7 +30,7 @@ mnist-rso-paper: install ## the paper's configuration: paper6, batch 5000, 50 cy
 	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso-paper --model paper6 --batch-size 5000 --cycles 50 --resume-if-exists $(ARGS)
 
 mnist-sgd: install ## the backprop baseline (SGD with momentum) on the same model
-	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-sgd --optimizer sgd $(ARGS)
+	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-sgd --optimizer sgd --batch-size 100 $(ARGS)
 
 bench: install ## speed of the scoring engines: per-visit cost, cycle time, ratio, memory, FLOP rate
 	$(PYTHON) -m rso.bench $(ARGS)

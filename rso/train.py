@@ -27,7 +27,7 @@ from rso.runs import RunLogger, unique_run_dir
 from rso.search.candidates import get_sampler
 from rso.search.loop import NonFiniteLossError, run_sweep
 from rso.search.schedule import annealed_sigma
-from rso.search.visit import visit_order
+from rso.search.visit import BATCHNORMS, visit_order
 from rso.stopping import StoppingCriteria
 
 
@@ -194,9 +194,11 @@ class Trainer:
                    "optimizer_steps": self.progress.optimizer_steps, "seconds": round(self.progress.seconds, 2),
                    "cycles_done" if self.config.optimizer == "rso" else "epochs_done": self.progress.cycle,
                    "stopped_by": reason, "wall_seconds_this_session": round(time.perf_counter() - started, 2)}
-        self.logger.line(f"final: test accuracy {accuracy:.4f}, test loss {test_loss:.4f} "
-                         f"(BN statistics over all {len(self.data.train_labels)} training examples); "
-                         f"run folder {self.folder}" + (f"; stopped: {reason}" if reason else ""))
+        has_batchnorm = any(isinstance(module, BATCHNORMS) for module in self.model.modules())
+        self.logger.line(f"final: test accuracy {accuracy:.4f}, test loss {test_loss:.4f}"
+                         + (f" (BN statistics over all {len(self.data.train_labels)} training examples)"
+                            if has_batchnorm else "")
+                         + f"; run folder {self.folder}" + (f"; stopped: {reason}" if reason else ""))
         self.logger.finish({key: value for key, value in self.config.to_dict().items()
                             if key not in ("extra", "widths")}, metrics)
         return {**metrics, "run_folder": str(self.folder), "history": list(self.progress.history)}
