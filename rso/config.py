@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from rso.models import MODELS
 from rso.search.candidates import SAMPLERS
@@ -62,7 +62,6 @@ class TrainConfig:
     resume: str | None = None
     resume_if_exists: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self, n_train: int | None = None) -> None:
         """Raise ValueError naming the bad field; ``n_train`` checks the batch size against the data."""

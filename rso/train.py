@@ -200,7 +200,7 @@ class Trainer:
                             if has_batchnorm else "")
                          + f"; run folder {self.folder}" + (f"; stopped: {reason}" if reason else ""))
         self.logger.finish({key: value for key, value in self.config.to_dict().items()
-                            if key not in ("extra", "widths")}, metrics)
+                            if key != "widths"}, metrics)
         return {**metrics, "run_folder": str(self.folder), "history": list(self.progress.history)}
 
     def _stop_reason(self, loss: float, accuracy: float | None) -> str | None:

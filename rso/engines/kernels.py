@@ -93,7 +93,7 @@ if numba is not None:
 def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress,
                      report_every: int = 16) -> None:
     """The output layer's sweep for :class:`rso.engines.fast.FastEngine`, identical to the per-visit loop."""
-    from rso.search.loop import NonFiniteLossError
+    from rso.search.loop import NonFiniteLossError, VisitRecorder
 
     target = engine.target
     flat = target.parameter.data.view(-1)
@@ -128,19 +128,10 @@ def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_d
     chosen = values[torch.arange(done), taken]
     changed = chosen != current[:done]
     flat[:done][changed] = chosen[changed].to(dtype).to(flat.device)
-    batch_size = engine.partition.batch_size
-    pending_visits = pending_accepted = 0
+    recorder = VisitRecorder(stats, progress, engine.partition.batch_size, numel, report_every)
     for t in range(done):
         choice = int(choices[t])
-        loss = float(losses[t, choice])
-        stats.visits += 1
-        stats.accepted += choice != 0
-        stats.loss_sum += loss / batch_size
-        pending_visits += 1
-        pending_accepted += choice != 0
-        if progress is not None and (pending_visits >= report_every or t == numel - 1):
-            progress(pending_visits, loss / batch_size, pending_accepted)
-            pending_visits = pending_accepted = 0
+        recorder.record(t, choice, float(losses[t, choice]))
     if failed >= 0:
         raise NonFiniteLossError(
             f"every candidate loss is non-finite at {target.name}[{failed}] (losses {losses[failed].tolist()}); "

@@ -95,14 +95,39 @@ def run_sweep(model: nn.Module, target: SearchTarget, images: torch.Tensor, labe
     return stats
 
 
+class VisitRecorder:
+    """Counts each visit into a sweep's stats and reports progress every ``report_every`` visits.
+
+    Every sweep implementation (the per-visit loop, an engine's fused sweep) records through it, so their
+    statistics and progress reports are the same by construction.
+    """
+
+    def __init__(self, stats: SweepStats, progress: Progress | None, batch_size: int, numel: int,
+                 report_every: int = 16):
+        self.stats, self.progress, self.batch_size = stats, progress, batch_size
+        self.numel, self.report_every = numel, report_every
+        self.pending_visits = self.pending_accepted = 0
+
+    def record(self, index: int, choice: int, loss: float) -> None:
+        """Visit ``index`` kept candidate ``choice``, whose summed loss over the chunk was ``loss``."""
+        mean_loss = loss / self.batch_size
+        self.stats.visits += 1
+        self.stats.accepted += choice != 0
+        self.stats.loss_sum += mean_loss
+        self.pending_visits += 1
+        self.pending_accepted += choice != 0
+        if self.progress is not None and (self.pending_visits >= self.report_every or index == self.numel - 1):
+            self.progress(self.pending_visits, mean_loss, self.pending_accepted)
+            self.pending_visits = self.pending_accepted = 0
+
+
 def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch.Tensor, steps: torch.Tensor,
                       weight_decay: float, stats: SweepStats, progress: Progress | None,
                       report_every: int = 16) -> None:
     """The plain per-weight loop over ``engine.score`` / ``engine.commit``."""
     flat = target.parameter.data.view(-1)
-    batch_size = engine.partition.batch_size
     dtype = target.parameter.dtype
-    pending_visits = pending_accepted = 0
+    recorder = VisitRecorder(stats, progress, engine.partition.batch_size, target.numel, report_every)
     steps_list, chunks_list = steps.tolist(), chunks.tolist()
     for index in range(target.numel):
         chunk = chunks_list[index]
@@ -118,11 +143,4 @@ def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch
         if chosen != current:
             flat[index] = chosen
             engine.commit(index, chosen, chunk)
-        stats.visits += 1
-        stats.accepted += choice != 0
-        stats.loss_sum += losses[choice].item() / batch_size
-        pending_visits += 1
-        pending_accepted += choice != 0
-        if progress is not None and (pending_visits >= report_every or index == target.numel - 1):
-            progress(pending_visits, losses[choice].item() / batch_size, pending_accepted)
-            pending_visits = pending_accepted = 0
+        recorder.record(index, choice, losses[choice].item())
