@@ -13,6 +13,7 @@ import sys
 from experiments import common
 from experiments.common import Run
 from rso.config import TrainConfig
+from rso.train import exit_status
 
 # (label, what the variant changes from the default TrainConfig)
 VARIANTS = [
@@ -97,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -17,6 +17,7 @@ import sys
 from experiments import common
 from experiments.common import Run
 from rso.config import TrainConfig
+from rso.train import exit_status
 
 
 def build_runs(args) -> list[Run]:
@@ -110,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

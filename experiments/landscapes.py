@@ -25,6 +25,7 @@ from experiments._provenance import header
 from rso.functions import get_function
 from rso.landscape import build_parser, run_command
 from rso.optim import OPTIMIZERS
+from rso.train import exit_status
 
 FAMILY = list(OPTIMIZERS)  # sgd, momentum, nesterov, adagrad, rmsprop, adadelta, adam, adagrad-decay, noisy-sgd, rso
 DEFAULT_LRS = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.5, "rmsprop": 0.05, "adam": 0.1,
@@ -110,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # tiny 2-D problems: threads only add overhead
-    sys.exit(main())
+    sys.exit(exit_status(main))

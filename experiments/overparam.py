@@ -19,6 +19,7 @@ import torch
 
 from experiments._provenance import header
 from rso.overparam import OverparamConfig, run
+from rso.train import exit_status
 
 
 @dataclass
@@ -108,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

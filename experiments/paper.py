@@ -22,7 +22,7 @@ from rso.config import TrainConfig
 from rso.evaluate import evaluate_checkpoint as evaluate_saved_weights
 from rso.models import build_model, count_weights
 from rso.search.visit import visit_order
-from rso.train import train
+from rso.train import exit_status, train
 
 PAPER_CLAIMS = "paper: 98% after 5 cycles; 99.12% after 50 cycles (SGD 99.27% after 50 epochs)"
 
@@ -166,4 +166,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

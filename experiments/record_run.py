@@ -17,6 +17,7 @@ import torch
 from rso.checkpoint import CheckpointError, load_checkpoint
 from rso.data import DataError, load_mnist
 from rso.evaluate import evaluate_checkpoint
+from rso.train import exit_status
 
 COPIED = ("config.json", "meta.json", "log.txt", "final.json")
 
@@ -55,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -5,9 +5,10 @@ cycle; the ratio; peak memory; achieved FLOP rate next to a matmul/conv rate mea
     python -m rso.bench --quick              # fewer samples (a smoke test)
     python -m rso.bench --threads 2          # both engines with two torch threads
 
-For each tensor of the visit order the fast engine runs ``--fast-visits`` consecutive visits of a real sweep
-(row-major order, chunk ``j mod n_chunks``, accepts written back), after filling its per-chunk caches; a
-sweep is projected as ``cache setup + numel x time per visit``. Sweeps the fast engine runs as one fused
+For each tensor of the visit order the fast engine runs the first consecutive visits of a real sweep (row-major
+order, chunk ``j mod n_chunks``, accepts written back) after filling its per-chunk caches: the first visit of
+every chunk in the first output channel (these move the chunk's caches onto a channel) and ``--fast-visits``
+more. A sweep is projected as ``cache setup + first visits x their mean time + the other visits x theirs``. Sweeps the fast engine runs as one fused
 loop (the output layer on CPU) are timed in full. The reference engine's cost per visit does not depend on
 the tensor (three full forward passes), so it is sampled on a few tensors and its mean is used for all.
 The figures go to ``results/bench/bench.json`` and ``results/bench/bench.txt``.
@@ -71,9 +72,16 @@ def measure_tensor(engine, model, target, images, labels, batch_size, visits, se
             sync(device)
             seconds = time.perf_counter() - start
             return seconds / target.numel, seconds, target.numel, None
-        count = min(visits, target.numel)
+        fast = isinstance(engine, FastEngine)
+        # Visit j of a sweep (row-major, chunk j mod n_chunks) is the first of its chunk in its output channel
+        # when j mod per_channel < n_chunks: the chunk's caches then move onto the channel (a one-channel
+        # convolution), while later visits only add the accepted steps. The two kinds are timed apart and
+        # weighted as in a whole sweep: n_channels x min(per_channel, n_chunks) first visits.
+        per_channel = engine._per_channel if fast else target.numel
+        first_kind = min(per_channel, partition.n_chunks) if fast else 0
+        count = min(target.numel, first_kind + visits)
         setup = 0.0
-        if isinstance(engine, FastEngine):
+        if fast:
             used = min(partition.n_chunks, count)
             start = time.perf_counter()
             engine.prebuild(list(range(used)))
@@ -82,17 +90,23 @@ def measure_tensor(engine, model, target, images, labels, batch_size, visits, se
             sync(device)
             setup = (time.perf_counter() - start) / used * min(partition.n_chunks, target.numel)
         steps_list, chunks_list = steps.tolist(), chunks.tolist()
-        start = time.perf_counter()
+        times: dict[bool, list[float]] = {True: [], False: []}
         for index in range(count):
+            start = time.perf_counter()
             visit(engine, target, index, steps_list[index], chunks_list[index])
-        sync(device)
-        per_visit = (time.perf_counter() - start) / count
+            sync(device)
+            times[index % per_channel < first_kind].append(time.perf_counter() - start)
+        first_visits = target.numel // per_channel * first_kind
+        first_cost = sum(times[True]) / len(times[True]) if times[True] else 0.0
+        steady_cost = sum(times[False]) / len(times[False]) if times[False] else first_cost
+        sweep_visits = first_visits * first_cost + (target.numel - first_visits) * steady_cost
+        per_visit = sweep_visits / target.numel
         flops = None
         if count < target.numel:
             with FlopCounterMode(display=False) as counter:
                 visit(engine, target, count, steps_list[count], chunks_list[count])
             flops = counter.get_total_flops()
-        return per_visit, setup + per_visit * target.numel, count, flops
+        return per_visit, setup + sweep_visits, count, flops
     finally:
         engine.end_sweep()
 
@@ -230,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--fast-visits", type=int, default=12,
-                        help="visits sampled per weight tensor (fast engine; >= n_chunks fills every chunk's cache)")
+                        help="visits timed per weight tensor (fast engine) after the first visit of each chunk "
+                             "in the first output channel")
     parser.add_argument("--small-visits", type=int, default=3, help="visits per bias/BN tensor (fast engine)")
     parser.add_argument("--reference-visits", type=int, default=2, help="visits per sampled tensor (reference)")
     parser.add_argument("--reference-tensors", type=int, default=3, help="tensors the reference is sampled on")

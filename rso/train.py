@@ -319,14 +319,11 @@ def train(config: TrainConfig, given: dict | None = None, argv: list[str] | None
         trainer.logger.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    config, given, parser = parse_args(argv)
-    if config.engine not in ("auto", *ENGINES):
-        parser.error(f"unknown engine {config.engine!r}; choose one of auto, {', '.join(ENGINES)}")
+def exit_status(run) -> int:
+    """Call ``run()``; an interrupt, bad data, a bad checkpoint or a failed run ends in one line on stderr and
+    an exit status (130 interrupted, 2 error) instead of a traceback. Returns ``run()``'s status or 0."""
     try:
-        train(config, given, argv)
-    except ConfigError as error:      # config checks that need the data (batch size vs training set)
-        parser.error(str(error))
+        return run() or 0
     except RunInterrupted as error:
         print(f"{error}", file=sys.stderr)
         return 130
@@ -339,7 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:          # an unwritable --run-dir, a full disk
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, given, parser = parse_args(argv)
+    if config.engine not in ("auto", *ENGINES):
+        parser.error(f"unknown engine {config.engine!r}; choose one of auto, {', '.join(ENGINES)}")
+
+    def run() -> None:
+        try:
+            train(config, given, argv)
+        except ConfigError as error:      # config checks that need the data (batch size vs training set)
+            parser.error(str(error))
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -102,33 +102,36 @@ def compare_visits(model, target, images, labels, batch_size, fast, *, visits=24
     return worst, accepted
 
 
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
 @pytest.mark.parametrize("name", list(small_nets()))
-def test_losses_equal_reference_float64(name, mnist):
+def test_losses_equal_reference_float64(name, kernels, mnist):
     images, labels = mnist
     model = randomize(small_nets()[name], seed=1).double()
     images = images.double()
     assert FastEngine.supports(model)
     total_accepted = 0
     for target in visit_order(model):
-        _, accepted = compare_visits(model, target, images, labels, 32, FastEngine(kernels="torch"), visits=20)
+        _, accepted = compare_visits(model, target, images, labels, 32, FastEngine(kernels=kernels), visits=20)
         total_accepted += accepted
     assert total_accepted > 0   # the incremental cache updates were exercised
 
 
-def test_losses_equal_reference_out_of_order(mnist):
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_losses_equal_reference_out_of_order(kernels, mnist):
     """Visits in no particular order (not the loop's row-major one) still give exact losses."""
     images, labels = mnist
     model = randomize(small_nets()["conv-bn-pools"], seed=2).double()
     for target in visit_order(model)[1:4]:
-        compare_visits(model, target, images.double(), labels, 32, FastEngine(kernels="torch"), visits=30,
+        compare_visits(model, target, images.double(), labels, 32, FastEngine(kernels=kernels), visits=30,
                        order="random")
 
 
-def test_losses_float32_agree(mnist):
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_losses_float32_agree(kernels, mnist):
     images, labels = mnist
     model = randomize(build_model("convnet", depth=3, channels=4), seed=3)
     for target in visit_order(model):
-        compare_visits(model, target, images, labels, 48, FastEngine(kernels="torch"), visits=8, rtol=2e-5)
+        compare_visits(model, target, images, labels, 48, FastEngine(kernels=kernels), visits=8, rtol=2e-5)
 
 
 def run_cycle(model, engine_name, images, labels, batch_size, seed, weight_decay=1e-4, **options):

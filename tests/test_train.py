@@ -196,3 +196,25 @@ def test_checkpoint_model_matches_the_run(tmp_path, data_dir, mnist_small):
     model = model_from_checkpoint(load_checkpoint(tmp_path / "m"))
     accuracy, _ = evaluate(model, mnist_small.test_images, mnist_small.test_labels)
     assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-12)
+
+
+def test_exit_status_turns_failures_into_one_line(capsys):
+    """What ``python -m rso.train`` and the experiment scripts do with an interrupt or bad input."""
+    from rso.data import DataError
+    from rso.train import RunInterrupted, exit_status
+
+    def failing(error):
+        def run():
+            raise error
+        return run
+
+    assert exit_status(lambda: None) == 0
+    assert exit_status(lambda: 3) == 3
+    assert exit_status(failing(RunInterrupted("interrupted; the last checkpoint is x"))) == 130
+    assert exit_status(failing(KeyboardInterrupt())) == 130
+    assert exit_status(failing(DataError("train-images-idx3-ubyte is truncated"))) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["interrupted; the last checkpoint is x", "interrupted; checkpoints already written are kept",
+                   "error: train-images-idx3-ubyte is truncated"]
+    with pytest.raises(ValueError):     # a bug is not swallowed
+        exit_status(failing(ValueError("bug")))

@@ -14,7 +14,7 @@ from rso.engines.reference import ReferenceEngine
 # name -> (factory, one-line description)
 ENGINES: dict[str, tuple[Callable[..., ScoringEngine], str]] = {
     "reference": (ReferenceEngine, "one full forward pass per candidate; any model; the test oracle"),
-    "fast": (FastEngine, "cached lower layers, one-channel incremental deltas, numba output-layer sweep; exact"),
+    "fast": (FastEngine, "cached lower layers, one-channel incremental deltas, numba CPU kernels; exact"),
 }
 
 

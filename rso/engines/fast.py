@@ -21,8 +21,13 @@ next visited. BN always uses the chunk's batch statistics (never the running one
 
 The output layer is the closed-form special case (``z_c += (v - w) x_i``, O(batch x classes) per visit); on
 CPU its whole sweep runs inside one numba function (``rso.engines.kernels``), with the same decisions as the
-per-visit loop. Everything else is PyTorch operators, so the same code runs on CUDA; ``kernels="torch"``
-selects that path on CPU too.
+per-visit loop. On CPU, numba kernels also feed the next conv its one-channel change (a stencil added to the
+cached output, in place for a chunk's cache) and run each BN -> ReLU -> pooling group of the suffix in two
+passes over a channels-last tensor. Everything else is PyTorch operators, so the same code runs on CUDA;
+``kernels="torch"`` selects that path on CPU too.
+
+Within a channel, a chunk's cached preactivation follows accepted changes by adding their steps (``P +=
+(v - w) * basis``, as a candidate is formed); only a move to another channel costs a one-channel convolution.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rso.engines.base import ChunkPartition, ScoringEngine, batch_statistics, summed_cross_entropy
-from rso.engines.plan import SweepPlan, plan_sweep, unsupported_reason
+from rso.engines.plan import ChannelOps, SweepPlan, group_channel_ops, plan_sweep, unsupported_reason
 from rso.search.visit import BATCHNORMS, SearchTarget
 
 KERNELS = ("auto", "numba", "torch")
@@ -117,12 +122,19 @@ class FastEngine(ScoringEngine):
         self.start = target.parameter.detach().clone()     # the tensor as the sweep found it
         self.chunks: dict[int, _Chunk] = {}
         self.log: list[int] = []                            # changed channel of every accepted change
+        self.steps: list[tuple[int, torch.Tensor]] = []     # (element, new - old value) of every accepted change
+        self.values = target.parameter.detach().clone().view(-1)   # the tensor as the engine last saw it
         self.first_change: dict[int, int] = {}              # channel -> log position of its first change
         self._last = None
+        self._buffers: dict[str, torch.Tensor] = {}
         self.device = images.device
         self.dtype = target.parameter.dtype
         if self.device.type == "cpu":
             keep_freed_memory()
+        # on CPU, numba kernels do the next conv's one-channel change and the suffix's BN/ReLU/pooling runs
+        self._kernels = self.use_numba() and self.suffix_precision is None
+        spatial_suffix = isinstance(self.plan.next_layer, nn.Conv2d)
+        self._suffix = group_channel_ops(self.plan.suffix) if self._kernels and spatial_suffix else list(self.plan.suffix)
         if isinstance(self.layer, nn.Conv2d) and target.kind == "weight":
             _, fan_in, height, width = self.layer.weight.shape
             self._per_channel = fan_in * height * width
@@ -133,6 +145,7 @@ class FastEngine(ScoringEngine):
 
     def end_sweep(self) -> None:
         self.chunks = {}
+        self._buffers = {}
         self._last = None
 
     def use_numba(self) -> bool:
@@ -151,6 +164,7 @@ class FastEngine(ScoringEngine):
             rows = self.partition.indices(chunk)
             with batch_statistics(self.model):
                 x, y = self._forward_to_next(self.images[rows])
+            y = self._next_layout(y)
             state = _Chunk(x, self.labels[rows], y, synced=len(self.log))
             self.chunks[chunk] = state
         return state
@@ -182,7 +196,22 @@ class FastEngine(ScoringEngine):
         size = self.partition.batch_size
         for position, chunk in enumerate(wanted):
             part = slice(position * size, (position + 1) * size)
-            self.chunks[chunk] = _Chunk(inputs[part], self.labels[rows[part]], outputs[part], synced=len(self.log))
+            self.chunks[chunk] = _Chunk(inputs[part], self.labels[rows[part]], self._next_layout(outputs[part]),
+                                        synced=len(self.log))
+
+    def _next_layout(self, next_output: torch.Tensor) -> torch.Tensor:
+        """The cached next-layer output in the layout its updates use: channels-last for the numba kernels."""
+        if self._kernels and isinstance(self.plan.next_layer, nn.Conv2d):
+            return next_output.contiguous(memory_format=torch.channels_last)
+        return next_output
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A channels-last (N, C, H, W) tensor of ``shape``, reused by every candidate of the sweep."""
+        buffer = self._buffers.get(name)
+        if buffer is None or tuple(buffer.shape) != tuple(shape):
+            buffer = torch.empty(shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
+            self._buffers[name] = buffer
+        return buffer
 
     def _locate(self, index: int) -> int:
         return index // self._per_channel
@@ -268,14 +297,23 @@ class FastEngine(ScoringEngine):
         return x, offset, size
 
     def _through_next(self, next_output: torch.Tensor, old: torch.Tensor, new: torch.Tensor, channel: int,
-                      offset: int, size: int) -> torch.Tensor:
-        """The next linear layer's output (K, B, ...) when its input channel changes from ``old`` to ``new``."""
+                      offset: int, size: int, update: bool = False) -> torch.Tensor:
+        """The next linear layer's output (K, B, ...) when its input channel changes from ``old`` to ``new``.
+
+        ``update``: the result replaces ``next_output`` (a chunk's cache); the numba path then writes it in
+        place, otherwise into a buffer reused by the next candidate. Both keep the big allocations of a sweep
+        fixed (fresh ones fragment the heap that ``keep_freed_memory`` keeps).
+        """
         layer = self.plan.next_layer
         count = new.shape[1]
         if layer is None:   # the block output is the logits: replace its columns
             out = next_output.unsqueeze(0).repeat(count, *([1] * next_output.dim()))
             out[:, :, offset:offset + size] = new.transpose(0, 1)
             return out
+        if isinstance(layer, nn.Conv2d) and self._kernels and count == 1:
+            from rso.engines.kernels import add_one_channel_conv
+            out = next_output if update else self._buffer("next", next_output.shape)
+            return add_one_channel_conv(next_output, new, old, layer, channel, out).unsqueeze(0)
         delta = new - old
         if isinstance(layer, nn.Conv2d):
             batch, _, height, width = delta.shape
@@ -299,18 +337,29 @@ class FastEngine(ScoringEngine):
         current = self.target.parameter.detach()
         pending = list(dict.fromkeys(self.log[state.synced:]))
         for changed in pending:
-            if changed == state.channel:
-                old = state.block_output
-            elif self.first_change[changed] >= state.synced:
-                old = self._channel_output(state, changed, self.start)[0]
-            else:   # the channel changed before and after the last sync (not row-major order): start over
-                del self.chunks[chunk]
-                fresh = self._chunk(chunk)
-                state.__dict__.update(fresh.__dict__)
-                self.chunks[chunk] = state
-                break
-            new, pre, offset, size = self._channel_output(state, changed, current)
-            state.next_output = self._through_next(state.next_output, old, new, changed, offset, size)[0]
+            if changed == state.channel and state.preactivation is not None and \
+                    not isinstance(self.layer, BATCHNORMS):
+                # the cached channel: add the accepted steps to its preactivation, as score() does for a
+                # candidate (a fresh one-channel convolution costs far more at 28x28)
+                old, pre = state.block_output, state.preactivation
+                for position in range(state.synced, len(self.log)):
+                    if self.log[position] == changed:
+                        index, step = self.steps[position]
+                        pre = pre + step * self._basis(state.inputs, index)
+                new, offset, size = self._block(pre, changed, None)
+            else:
+                if changed == state.channel:
+                    old = state.block_output
+                elif self.first_change[changed] >= state.synced:
+                    old = self._channel_output(state, changed, self.start)[0]
+                else:   # the channel changed before and after the last sync (not row-major order): start over
+                    del self.chunks[chunk]
+                    fresh = self._chunk(chunk)
+                    state.__dict__.update(fresh.__dict__)
+                    self.chunks[chunk] = state
+                    break
+                new, pre, offset, size = self._channel_output(state, changed, current)
+            state.next_output = self._through_next(state.next_output, old, new, changed, offset, size, True)[0]
             state.channel, state.block_output, state.preactivation = changed, new, pre
         if state.channel != channel or state.block_output is None:
             state.block_output, state.preactivation = self._channel_output(state, channel, current)[:2]
@@ -339,7 +388,11 @@ class FastEngine(ScoringEngine):
         CPU); the values are the same up to rounding.
         """
         owned = False   # x may be modified in place once it is a tensor of our own
-        for layer in self.plan.suffix:
+        for position, layer in enumerate(self._suffix):
+            if isinstance(layer, ChannelOps):
+                from rso.engines.kernels import channel_ops
+                x, owned = channel_ops(x, layer, lambda shape, key=f"suffix{position}": self._buffer(key, shape)), True
+                continue
             if isinstance(layer, nn.ReLU) and owned:
                 x = F.relu_(x)
                 continue
@@ -391,6 +444,10 @@ class FastEngine(ScoringEngine):
         channel = self._locate(index)
         self.first_change.setdefault(channel, len(self.log))
         self.log.append(channel)
+        new = torch.tensor(value, dtype=self.dtype, device=self.device)
+        step = new - self.values[index]     # as score() computes a candidate's step
+        self.values[index] = new
+        self.steps.append((index, step))
         last, self._last = self._last, None
         if last is not None and last[0] == chunk and last[1] == index and value in last[2]:
             k = last[2].index(value)
@@ -399,7 +456,7 @@ class FastEngine(ScoringEngine):
                 new = last[3][:, k:k + 1].clone()
                 with torch.no_grad():
                     state.next_output = self._through_next(state.next_output, state.block_output, new, channel,
-                                                           last[6], last[7])[0]
+                                                           last[6], last[7], True)[0]
                 state.block_output = new
                 state.preactivation = last[4][:, k:k + 1].clone()
                 state.channel, state.synced = channel, len(self.log)

@@ -136,3 +136,201 @@ def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_d
         raise NonFiniteLossError(
             f"every candidate loss is non-finite at {target.name}[{failed}] (losses {losses[failed].tolist()}); "
             "the weights or the learning setup diverged")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The suffix and the next conv layer, channels-last (NHWC), for the inner layers' sweeps.
+#
+# PyTorch's eager CPU operators run BN -> ReLU -> pooling as three or four passes over tensors of tens of MB,
+# and a convolution with one input channel (the next layer fed a one-channel change) as slowly as a full
+# 16-channel one. Here BN's batch statistics are one pass, normalization + ReLU + pooling a second one, and
+# the one-channel convolution a stencil that adds its taps to the cached output.
+
+def _channel_moments(x, parts):
+    """Per-channel sums of ``x - shift`` and of its square over (N, S) of an (N, S, C) array, in float64.
+
+    ``shift`` is the first example's value (numerically safer than raw sums when the mean is large).
+    Returns (sums (parts, 2, C), shift (C,)); the partial sums of ``parts`` blocks of examples run in parallel.
+    """
+    n, s, c = x.shape
+    shift = np.empty(c, np.float64)
+    for k in range(c):
+        shift[k] = x[0, 0, k]
+    sums = np.zeros((parts, 2, c), np.float64)
+    step = (n + parts - 1) // parts
+    for p in numba.prange(parts):
+        first = np.zeros(c, np.float64)
+        second = np.zeros(c, np.float64)
+        for i in range(p * step, min(n, (p + 1) * step)):
+            for j in range(s):
+                for k in range(c):
+                    v = x[i, j, k] - shift[k]
+                    first[k] += v
+                    second[k] += v * v
+        for k in range(c):
+            sums[p, 0, k] = first[k]
+            sums[p, 1, k] = second[k]
+    return sums, shift
+
+
+def _affine_relu_pool(x, scale, bias, relu, pool, out):
+    """``out = pool(relu(x * scale + bias))`` for NHWC ``x``; pool 0 none, 1 avg 2x2, 2 max 2x2, 3 global avg."""
+    n, height, width, c = x.shape
+    for i in numba.prange(n):
+        if pool == 0:
+            for h in range(height):
+                for w in range(width):
+                    for k in range(c):
+                        y = x[i, h, w, k] * scale[k] + bias[k]
+                        out[i, h, w, k] = max(y, 0.0) if relu else y
+        elif pool == 3:
+            acc = np.zeros(c, np.float64)
+            for h in range(height):
+                for w in range(width):
+                    for k in range(c):
+                        y = x[i, h, w, k] * scale[k] + bias[k]
+                        acc[k] += max(y, 0.0) if relu else y
+            for k in range(c):
+                out[i, 0, 0, k] = acc[k] / (height * width)
+        else:
+            for h in range(out.shape[1]):
+                for w in range(out.shape[2]):
+                    for k in range(c):
+                        a = x[i, 2 * h, 2 * w, k] * scale[k] + bias[k]
+                        b = x[i, 2 * h, 2 * w + 1, k] * scale[k] + bias[k]
+                        d = x[i, 2 * h + 1, 2 * w, k] * scale[k] + bias[k]
+                        e = x[i, 2 * h + 1, 2 * w + 1, k] * scale[k] + bias[k]
+                        if relu:
+                            a, b, d, e = max(a, 0.0), max(b, 0.0), max(d, 0.0), max(e, 0.0)
+                        if pool == 1:
+                            out[i, h, w, k] = (((a + b) + d) + e) * 0.25
+                        else:
+                            out[i, h, w, k] = max(max(a, b), max(d, e))
+
+
+def _add_one_channel_conv(base, new, old, weight, stride, padding, dilation, out):
+    """``out = base + conv(new - old)`` where ``new - old`` is one input channel (N, H, W) and ``weight`` that
+    channel's taps (KH, KW, O) of the conv; ``base`` and ``out`` NHWC (N, OH, OW, O)."""
+    n, out_h, out_w, o = base.shape
+    in_h, in_w = new.shape[1], new.shape[2]
+    kh, kw = weight.shape[0], weight.shape[1]
+    for i in numba.prange(n):
+        delta = np.empty((in_h, in_w), base.dtype)
+        for y in range(in_h):
+            for x in range(in_w):
+                delta[y, x] = new[i, y, x] - old[i, y, x]
+        change = np.zeros((out_h, out_w, o), base.dtype)
+        for y in range(out_h):
+            for r in range(kh):
+                iy = y * stride[0] - padding[0] + r * dilation[0]
+                if iy < 0 or iy >= in_h:
+                    continue
+                for s in range(kw):
+                    for x in range(out_w):
+                        ix = x * stride[1] - padding[1] + s * dilation[1]
+                        if ix < 0 or ix >= in_w:
+                            continue
+                        d = delta[iy, ix]
+                        for k in range(o):
+                            change[y, x, k] += d * weight[r, s, k]
+        for y in range(out_h):
+            for x in range(out_w):
+                for k in range(o):
+                    out[i, y, x, k] = base[i, y, x, k] + change[y, x, k]
+
+
+def _add_one_channel_conv_unit_stride(base, new, old, weight, padding, dilation, out):
+    """:func:`_add_one_channel_conv` for stride 1, as long contiguous row updates: the change image is padded
+    and flattened with its padded row length, so every tap is one shifted axpy over all output pixels (the
+    columns between rows are computed and dropped). ``weight`` is (O, KH, KW) here."""
+    n, out_h, out_w, o = base.shape
+    in_h, in_w = new.shape[1], new.shape[2]
+    kh, kw = weight.shape[1], weight.shape[2]
+    wide = in_w + 2 * padding[1]
+    rows = in_h + 2 * padding[0]
+    span = (out_h - 1) * wide + out_w
+    for i in numba.prange(n):
+        padded = np.zeros(rows * wide, base.dtype)
+        for y in range(in_h):
+            for x in range(in_w):
+                padded[(y + padding[0]) * wide + x + padding[1]] = new[i, y, x] - old[i, y, x]
+        change = np.zeros((o, span), base.dtype)
+        for k in range(o):
+            row = change[k]
+            for r in range(kh):
+                for s in range(kw):
+                    tap = weight[k, r, s]
+                    offset = r * dilation[0] * wide + s * dilation[1]
+                    source = padded[offset:offset + span]
+                    for p in range(span):    # note: slices (not offset indices) let LLVM vectorize this loop
+                        row[p] += source[p] * tap
+        for y in range(out_h):
+            for x in range(out_w):
+                for k in range(o):
+                    out[i, y, x, k] = base[i, y, x, k] + change[k, y * wide + x]
+
+
+if numba is not None:
+    _channel_moments = numba.njit(cache=True, parallel=True)(_channel_moments)
+    _affine_relu_pool = numba.njit(cache=True, parallel=True)(_affine_relu_pool)
+    _add_one_channel_conv = numba.njit(cache=True, parallel=True)(_add_one_channel_conv)
+    _add_one_channel_conv_unit_stride = numba.njit(cache=True, parallel=True)(_add_one_channel_conv_unit_stride)
+
+POOL_CODES = {"none": 0, "avg2": 1, "max2": 2, "global": 3}
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """The (N, H, W, C) view of a channels-last (N, C, H, W) tensor, made contiguous if it is not."""
+    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def channel_ops(x: torch.Tensor, ops, buffer=None) -> torch.Tensor:
+    """Run a :class:`rso.engines.plan.ChannelOps` group (BN with batch statistics, ReLU, pooling) on the
+    (N, C, H, W) tensor ``x``; returns a channels-last (N, C, H', W') tensor. Same values as the PyTorch
+    layers up to rounding. ``buffer(shape)``, when given, supplies the (channels-last) output tensor."""
+    source = _nhwc(x)
+    n, height, width, c = source.shape
+    array = source.numpy()
+    if ops.batchnorm is not None:
+        layer = ops.batchnorm
+        sums, shift = _channel_moments(array.reshape(n, height * width, c), numba.get_num_threads())
+        count = n * height * width
+        first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
+        mean = shift + first
+        variance = np.maximum(second - first * first, 0.0)
+        scale = 1.0 / np.sqrt(variance + layer.eps)
+        if layer.weight is not None:
+            scale = scale * layer.weight.detach().cpu().double().numpy()
+        bias = -mean * scale
+        if layer.bias is not None:
+            bias = bias + layer.bias.detach().cpu().double().numpy()
+    else:
+        scale, bias = np.ones(c), np.zeros(c)
+    pool = POOL_CODES[ops.pool]
+    shape = {0: (n, height, width, c), 3: (n, 1, 1, c)}.get(pool, (n, height // 2, width // 2, c))
+    shape = (shape[0], shape[3], shape[1], shape[2])
+    out = buffer(shape) if buffer is not None else torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last)
+    _affine_relu_pool(array, scale.astype(array.dtype), bias.astype(array.dtype), ops.relu, pool, _nhwc(out).numpy())
+    return out
+
+
+def add_one_channel_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, channel: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + conv(new - old)`` for a change ``new - old`` (N, 1, H, W) of input channel ``channel`` of the
+    Conv2d ``layer`` (no bias: ``base`` already has it); ``base`` (N, O, OH, OW). Written into ``out`` (a
+    channels-last tensor shaped like ``base``; may be ``base`` itself) or a new channels-last tensor."""
+    target = _nhwc(base)
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, memory_format=torch.channels_last)
+    if not out.is_contiguous(memory_format=torch.channels_last) or out.shape != base.shape:
+        raise ValueError("out must be a channels-last tensor shaped like base")
+    weight = layer.weight.detach()[:, channel]
+    new, old = new[:, 0].contiguous().numpy(), old[:, 0].contiguous().numpy()
+    result = out.permute(0, 2, 3, 1).numpy()
+    if tuple(layer.stride) == (1, 1):
+        _add_one_channel_conv_unit_stride(target.numpy(), new, old, weight.contiguous().numpy(), layer.padding,
+                                          layer.dilation, result)
+    else:
+        _add_one_channel_conv(target.numpy(), new, old, weight.permute(1, 2, 0).contiguous().numpy(), layer.stride,
+                              layer.padding, layer.dilation, result)
+    return out

@@ -85,3 +85,59 @@ def plan_sweep(model: nn.Sequential, target: SearchTarget) -> SweepPlan:
     next_layer = layers[end] if end < len(layers) else None
     spatial = isinstance(layers[searched], (nn.Conv2d, nn.BatchNorm2d))
     return SweepPlan(layers, searched, layers[start:end], next_layer, end, layers[end + 1:], spatial)
+
+
+@dataclass(frozen=True)
+class ChannelOps:
+    """A run of per-channel layers that the numba kernels do in two passes over a channels-last tensor:
+    an optional BatchNorm2d (batch statistics), an optional ReLU, an optional 2x2/global pooling, in this order."""
+
+    layers: tuple[nn.Module, ...]
+    batchnorm: nn.BatchNorm2d | None
+    relu: bool
+    pool: str        # "none", "avg2", "max2" or "global"
+
+
+def _pool_kind(layer: nn.Module) -> str | None:
+    """The kernels' name for a pooling layer they compute exactly, else ``None``."""
+    def pair(value):
+        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if isinstance(layer, nn.AvgPool2d):
+        plain = (pair(layer.kernel_size) == (2, 2) and pair(layer.stride) == (2, 2) and pair(layer.padding) == (0, 0)
+                 and not layer.ceil_mode and layer.divisor_override is None)
+        return "avg2" if plain else None
+    if isinstance(layer, nn.MaxPool2d):
+        plain = (pair(layer.kernel_size) == (2, 2) and pair(layer.stride) == (2, 2) and pair(layer.padding) == (0, 0)
+                 and pair(layer.dilation) == (1, 1) and not layer.ceil_mode and not layer.return_indices)
+        return "max2" if plain else None
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        return "global" if pair(layer.output_size) == (1, 1) else None
+    return None
+
+
+def group_channel_ops(layers: list[nn.Module]) -> list[nn.Module | ChannelOps]:
+    """``layers`` (whose input is spatial) with each run of BN -> ReLU -> pooling replaced by one
+    :class:`ChannelOps`.
+
+    A run that does not fit the pattern (another order, an unusual pooling) stays as its layers. Only the
+    spatial part is grouped: the walk stops at the first Flatten.
+    """
+    grouped: list[nn.Module | ChannelOps] = []
+    position = 0
+    while position < len(layers):
+        layer = layers[position]
+        if isinstance(layer, nn.Flatten):
+            return grouped + list(layers[position:])
+        start, batchnorm, relu, pool = position, None, False, "none"
+        if isinstance(layer, nn.BatchNorm2d):
+            batchnorm, position = layer, position + 1
+        if position < len(layers) and isinstance(layers[position], nn.ReLU):
+            relu, position = True, position + 1
+        if position < len(layers) and _pool_kind(layers[position]) is not None:
+            pool, position = _pool_kind(layers[position]), position + 1
+        if position == start:
+            grouped.append(layer)
+            position += 1
+        else:
+            grouped.append(ChannelOps(tuple(layers[start:position]), batchnorm, relu, pool))
+    return grouped

@@ -1,0 +1,112 @@
+"""The fast engine's numba kernels against the PyTorch operators they replace (the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rso.engines import kernels
+from rso.engines.plan import ChannelOps, group_channel_ops
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+
+
+def run_layers(x: torch.Tensor, layers) -> torch.Tensor:
+    for layer in layers:
+        if isinstance(layer, nn.BatchNorm2d):
+            x = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        else:
+            x = layer(x)
+    return x
+
+
+def batchnorm(channels: int, seed: int, dtype) -> nn.BatchNorm2d:
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.BatchNorm2d(channels).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.5 * torch.randn(channels, generator=generator))
+        layer.bias.copy_(0.5 * torch.randn(channels, generator=generator))
+    return layer
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("pattern", ["bn", "bn-relu", "bn-relu-avg", "bn-relu-max", "bn-relu-global", "relu-max",
+                                     "avg", "bn-global"])
+def test_channel_ops_equal_torch(pattern, size, dtype, rtol):
+    channels = 5
+    pools = {"avg": nn.AvgPool2d(2), "max": nn.MaxPool2d(2), "global": nn.AdaptiveAvgPool2d(1)}
+    layers = []
+    for part in pattern.split("-"):
+        layers.append(batchnorm(channels, size, dtype) if part == "bn" else nn.ReLU() if part == "relu"
+                      else pools[part])
+    grouped = group_channel_ops(layers)
+    assert len(grouped) == 1 and isinstance(grouped[0], ChannelOps)
+    generator = torch.Generator().manual_seed(0)
+    # a large common offset: the statistics must not lose the variance to cancellation
+    x = (3.0 + 0.1 * torch.randn(6, channels, size, size, generator=generator, dtype=dtype))
+    with torch.no_grad():
+        expected = run_layers(x, layers)
+        got = kernels.channel_ops(x, grouped[0])
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
+
+
+def test_channel_ops_keep_nan():
+    """A NaN activation stays NaN through ReLU (as torch's), so a diverged candidate never looks finite."""
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    x[1, 2, 0, 0] = float("nan")
+    ops = group_channel_ops([nn.ReLU()])[0]
+    assert torch.isnan(kernels.channel_ops(x, ops)[1, 2, 0, 0])
+
+
+def test_grouping():
+    bn, relu, avg, gap = nn.BatchNorm2d(3), nn.ReLU(), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1)
+    conv, flatten, dense = nn.Conv2d(3, 3, 3), nn.Flatten(), nn.Linear(3, 2)
+    grouped = group_channel_ops([bn, relu, avg, conv, bn, relu, gap, flatten, dense])
+    assert [type(item) for item in grouped] == [ChannelOps, nn.Conv2d, ChannelOps, nn.Flatten, nn.Linear]
+    assert (grouped[0].pool, grouped[0].relu, grouped[2].pool) == ("avg2", True, "global")
+    # what the kernels do not compute exactly stays as PyTorch layers
+    odd = [nn.AvgPool2d(3), nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, padding=1), nn.AdaptiveAvgPool2d(2)]
+    assert group_channel_ops(odd) == odd
+    # another order: pooling before BN is two groups
+    grouped = group_channel_ops([avg, bn, relu])
+    assert [item.layers for item in grouped] == [(avg,), (bn, relu)]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("stride, padding, dilation, kernel", [
+    (1, 1, 1, 3), (2, 1, 1, 3), (1, 0, 1, 3), (1, 2, 2, 3), (1, 0, 1, 1), ((1, 2), (0, 1), 1, (3, 2))])
+def test_one_channel_conv_equal_torch(stride, padding, dilation, kernel, dtype, rtol):
+    generator = torch.Generator().manual_seed(1)
+    layer = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, bias=False).to(dtype)
+    inputs = torch.randn(5, 4, 9, 10, generator=generator, dtype=dtype)
+    new = torch.randn(5, 1, 9, 10, generator=generator, dtype=dtype)
+    new[:, :, ::2] = inputs[:, 2:3, ::2]          # unchanged pixels: zero change, skipped by the kernel
+    with torch.no_grad():
+        base = layer(inputs)
+        changed = inputs.clone()
+        changed[:, 2:3] = new
+        expected = layer(changed)
+        got = kernels.add_one_channel_conv(base, new, inputs[:, 2:3], layer, 2)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
+
+
+def test_one_channel_conv_in_place():
+    """A chunk's cache is updated in place (out=base); candidates write into a reused buffer."""
+    generator = torch.Generator().manual_seed(2)
+    layer = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    inputs = torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64)
+    new = torch.randn(2, 1, 6, 6, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(torch.cat([inputs[:, :1], new, inputs[:, 2:]], dim=1))
+        base = layer(inputs).contiguous(memory_format=torch.channels_last)
+        got = kernels.add_one_channel_conv(base, new, inputs[:, 1:2], layer, 1, out=base)
+    assert got is base
+    torch.testing.assert_close(base, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.add_one_channel_conv(base, new, inputs[:, 1:2], layer, 1, out=torch.empty(2, 4, 6, 6,
+                                                                                           dtype=torch.float64))
