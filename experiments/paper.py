@@ -13,6 +13,7 @@ faithful setting keeps the paper's 50 even when fewer cycles can run; the table 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -103,8 +104,9 @@ def report(out: Path, config: TrainConfig, state: dict, record_args, argv, statu
             f"({progress['visits']} weight visits, {progress['seconds']:.0f} s of training); {status}; "
             f"{common.data_description(config, record_args)}")
     record = common.provenance(record_args, argv, what)
-    body = [[row["cycle"] if row["complete_cycle"] else f"{row['cycle']} (in progress)",
-             f"{row['test_accuracy']:.4f}", f"{row['test_loss']:.4f}", f"{row['train_loss']:.4f}", row["weight_visits"],
+    body = [[f"{row['cycle']:.0f}" if row["complete_cycle"] else f"{row['cycle']:.3f} (in progress)",
+             f"{row['test_accuracy']:.4f}", f"{row['test_loss']:.4f}",
+             "–" if math.isnan(row["train_loss"]) else f"{row['train_loss']:.4f}", row["weight_visits"],
              f"{float(row['forward_samples']):.3g}", f"{row['seconds']:.0f}"] for row in rows]
     partial = "" if not rows or rows[-1]["complete_cycle"] else (
         f" The last row is a cycle in progress ({rows[-1]['last_sweep']}; {progress['visits']} of "
