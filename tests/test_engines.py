@@ -50,6 +50,9 @@ def small_nets() -> dict[str, nn.Sequential]:
                                          nn.BatchNorm1d(392), nn.Linear(392, 10)),
         "oneconv-tiny": nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                       nn.Flatten(), nn.Linear(98, 10)),
+        "same-padding": nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.BatchNorm2d(2), nn.ReLU(),
+                                      nn.Conv2d(2, 3, 3, padding="same", bias=False), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Flatten(), nn.Linear(3 * 14 * 14, 10)),
         "mlp-bn": nn.Sequential(nn.Flatten(), nn.Linear(784, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5),
                                 nn.ReLU(), nn.Linear(5, 10)),
     }

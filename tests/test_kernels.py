@@ -54,12 +54,18 @@ def test_channel_ops_equal_torch(pattern, size, dtype, rtol):
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
 
 
-def test_channel_ops_keep_nan():
-    """A NaN activation stays NaN through ReLU (as torch's), so a diverged candidate never looks finite."""
+@pytest.mark.parametrize("layers", [[nn.ReLU()], [nn.ReLU(), nn.MaxPool2d(2)], [nn.MaxPool2d(2)],
+                                    [nn.ReLU(), nn.AvgPool2d(2)]], ids=["relu", "relu-max", "max", "relu-avg"])
+@pytest.mark.parametrize("row, column", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_channel_ops_keep_nan(layers, row, column):
+    """A NaN activation stays NaN through ReLU and pooling wherever it sits in the window (as torch's), so a
+    diverged candidate never looks finite."""
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
-    x[1, 2, 0, 0] = float("nan")
-    ops = group_channel_ops([nn.ReLU()])[0]
-    assert torch.isnan(kernels.channel_ops(x, ops)[1, 2, 0, 0])
+    x[1, 2, row, column] = float("nan")
+    ops = group_channel_ops(layers)[0]
+    got = kernels.channel_ops(x, ops)
+    torch.testing.assert_close(got, run_layers(x, layers), equal_nan=True)
+    assert torch.isnan(got[1, 2, 0, 0] if len(layers) > 1 or ops.pool != "none" else got[1, 2, row, column])
 
 
 def test_grouping():

@@ -310,7 +310,7 @@ class FastEngine(ScoringEngine):
             out = next_output.unsqueeze(0).repeat(count, *([1] * next_output.dim()))
             out[:, :, offset:offset + size] = new.transpose(0, 1)
             return out
-        if isinstance(layer, nn.Conv2d) and self._kernels and count == 1:
+        if isinstance(layer, nn.Conv2d) and self._kernels and count == 1 and isinstance(layer.padding, tuple):
             from rso.engines.kernels import add_one_channel_conv
             out = next_output if update else self._buffer("next", next_output.shape)
             return add_one_channel_conv(next_output, new, old, layer, channel, out).unsqueeze(0)

@@ -173,6 +173,11 @@ def _channel_moments(x, parts):
     return sums, shift
 
 
+def _nan_max(a, b):
+    """max that returns NaN when either argument is NaN, as torch's max pooling does."""
+    return a if (a != a or a >= b) else b
+
+
 def _affine_relu_pool(x, scale, bias, relu, pool, out):
     """``out = pool(relu(x * scale + bias))`` for NHWC ``x``; pool 0 none, 1 avg 2x2, 2 max 2x2, 3 global avg."""
     n, height, width, c = x.shape
@@ -205,7 +210,7 @@ def _affine_relu_pool(x, scale, bias, relu, pool, out):
                         if pool == 1:
                             out[i, h, w, k] = (((a + b) + d) + e) * 0.25
                         else:
-                            out[i, h, w, k] = max(max(a, b), max(d, e))
+                            out[i, h, w, k] = _nan_max(_nan_max(a, b), _nan_max(d, e))
 
 
 def _add_one_channel_conv(base, new, old, weight, stride, padding, dilation, out):
@@ -271,6 +276,7 @@ def _add_one_channel_conv_unit_stride(base, new, old, weight, padding, dilation,
 
 
 if numba is not None:
+    _nan_max = numba.njit(cache=True, inline="always")(_nan_max)
     _channel_moments = numba.njit(cache=True, parallel=True)(_channel_moments)
     _affine_relu_pool = numba.njit(cache=True, parallel=True)(_affine_relu_pool)
     _add_one_channel_conv = numba.njit(cache=True, parallel=True)(_add_one_channel_conv)
