@@ -30,13 +30,16 @@ def unique_run_dir(parent: str | os.PathLike, name: str) -> Path:
     return candidate
 
 
-def git_revision() -> str:
+def git_revision(root: Path | None = None) -> str:
+    """The short commit of this checkout (or of ``root``), ``-dirty`` when tracked files other than
+    ``results/`` changed (an experiment rewrites its own outputs there before it records its provenance);
+    ``unknown`` outside git."""
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = root or Path(__file__).resolve().parent.parent
         revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                                   timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
         return (revision + ("-dirty" if dirty else "")) if revision else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

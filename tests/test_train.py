@@ -218,3 +218,32 @@ def test_exit_status_turns_failures_into_one_line(capsys):
                    "error: train-images-idx3-ubyte is truncated"]
     with pytest.raises(ValueError):     # a bug is not swallowed
         exit_status(failing(ValueError("bug")))
+
+
+def test_git_revision_ignores_the_results_folder(tmp_path):
+    """An experiment rewrites results/ before recording its provenance: that alone is not 'uncommitted'."""
+    import shutil
+    import subprocess
+
+    from rso.runs import git_revision
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    assert git_revision(tmp_path) == "unknown"
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = git_revision(tmp_path)
+    assert clean != "unknown" and not clean.endswith("-dirty")
+    (tmp_path / "results" / "table.md").write_text("new\n")
+    assert git_revision(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_revision(tmp_path) == clean + "-dirty"
