@@ -119,11 +119,11 @@ def tiny_problem(seed=0):
 def test_rso_never_increases_a_deterministic_loss():
     model, loss_fn = tiny_problem()
     optimizer = RSO(model.parameters(), sigma=0.3, seed=1)
-    previous = float(loss_fn())
+    previous = loss_fn().item()
     first = previous
     for _ in range(4):
         returned = optimizer.step(loss_fn)
-        now = float(loss_fn())
+        now = loss_fn().item()
         assert returned == pytest.approx(now, rel=1e-12)
         assert now <= previous + 1e-15
         previous = now
