@@ -185,3 +185,31 @@ def test_registry_and_auto():
     assert isinstance(make_engine("auto", unsupported), ReferenceEngine)
     with pytest.raises(ValueError):
         FastEngine(kernels="cuda-only")
+
+
+def test_fused_head_sweep_reports_progress_during_the_sweep(mnist, monkeypatch):
+    """The output layer's numba sweep runs in blocks and reports progress between them (not all at the end),
+    with the same counts and decisions as the per-visit loop."""
+    from rso.engines import kernels as numba_kernels
+
+    images, labels = mnist
+    blocks_run = []
+    loop = numba_kernels._dense_head_loop
+    monkeypatch.setattr(numba_kernels, "_dense_head_loop", lambda *args: blocks_run.append(1) or loop(*args))
+    reports = {}
+    for kernels in ("numba", "torch"):
+        model = build_model("mlp", torch.Generator().manual_seed(6), widths=(300,))
+        target = visit_order(model)[0]          # the 10 x 300 output weights: 3000 visits
+        assert target.numel == 3000
+        calls = []
+        stats = run_sweep(model, target, images, labels, FastEngine(kernels=kernels), sigma=target.sigma,
+                          batch_size=32, sampler=gaussian_steps, generator=torch.Generator().manual_seed(7),
+                          progress=lambda visits, loss, accepted: calls.append((visits, accepted, len(blocks_run))))
+        assert sum(visits for visits, _, _ in calls) == stats.visits == 3000
+        assert sum(accepted for _, accepted, _ in calls) == stats.accepted
+        reports[kernels] = (calls, stats.accepted, model[-1].weight.detach().clone())
+    numba_calls = reports["numba"][0]
+    assert len(blocks_run) == 3 and numba_calls[0][2] == 1    # the first report came after the first block
+    assert len(numba_calls) == len(reports["torch"][0])
+    assert reports["numba"][1] == reports["torch"][1]
+    assert torch.equal(reports["numba"][2], reports["torch"][2])

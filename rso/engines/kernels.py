@@ -120,18 +120,29 @@ def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_d
         row_of_visit, column_of_visit = indices, np.full(numel, -1, dtype=np.int64)
     choices = np.full(numel, -1, dtype=np.int64)
     losses = np.zeros((numel, values.shape[1]), dtype=np.float64)
-    failed = _dense_head_loop(features, logits, labels, chunk_of_visit, row_of_visit, column_of_visit,
-                              values.numpy(), current.numpy(), choices, losses)
-    done = numel if failed < 0 else failed
-    # the writes and the statistics, in the loop's order and arithmetic
+    values_array, current_array = values.numpy(), current.numpy()
+    recorder = VisitRecorder(stats, progress, engine.partition.batch_size, numel, report_every)
+    # the loop runs in blocks of visits so that progress is reported during the sweep, not only at its end;
+    # the cached logits carry the accepted changes from block to block
+    block = max(report_every, 1024)
+    failed, done = -1, 0
+    while done < numel and failed < 0:
+        end = min(numel, done + block)
+        part = slice(done, end)
+        stop = _dense_head_loop(features, logits, labels, chunk_of_visit[part], row_of_visit[part],
+                                column_of_visit[part], values_array[part], current_array[part], choices[part],
+                                losses[part])
+        finished = end if stop < 0 else done + stop
+        for t in range(done, finished):
+            choice = int(choices[t])
+            recorder.record(t, choice, float(losses[t, choice]))
+        failed = -1 if stop < 0 else done + stop
+        done = finished
+    # the writes, in the loop's order and arithmetic
     taken = torch.from_numpy(choices[:done])
     chosen = values[torch.arange(done), taken]
     changed = chosen != current[:done]
     flat[:done][changed] = chosen[changed].to(dtype).to(flat.device)
-    recorder = VisitRecorder(stats, progress, engine.partition.batch_size, numel, report_every)
-    for t in range(done):
-        choice = int(choices[t])
-        recorder.record(t, choice, float(losses[t, choice]))
     if failed >= 0:
         raise NonFiniteLossError(
             f"every candidate loss is non-finite at {target.name}[{failed}] (losses {losses[failed].tolist()}); "
