@@ -70,6 +70,15 @@ def keep_freed_memory() -> bool:
 SUFFIX_PRECISIONS = (None, "bfloat16")
 
 
+@dataclass(frozen=True)
+class _Change:
+    """An accepted change: its output channel, its flat element, and new - old value (as score() forms it)."""
+
+    channel: int
+    index: int
+    step: torch.Tensor
+
+
 @dataclass
 class _Chunk:
     """One chunk's caches for the current sweep."""
@@ -121,8 +130,7 @@ class FastEngine(ScoringEngine):
         self.layer = self.plan.layers[self.plan.searched]
         self.start = target.parameter.detach().clone()     # the tensor as the sweep found it
         self.chunks: dict[int, _Chunk] = {}
-        self.log: list[int] = []                            # changed channel of every accepted change
-        self.steps: list[tuple[int, torch.Tensor]] = []     # (element, new - old value) of every accepted change
+        self.log: list[_Change] = []                        # every accepted change, in order
         self.values = target.parameter.detach().clone().view(-1)   # the tensor as the engine last saw it
         self.first_change: dict[int, int] = {}              # channel -> log position of its first change
         self._last = None
@@ -132,9 +140,9 @@ class FastEngine(ScoringEngine):
         if self.device.type == "cpu":
             keep_freed_memory()
         # on CPU, numba kernels do the next conv's one-channel change and the suffix's BN/ReLU/pooling runs
-        self._kernels = self.use_numba() and self.suffix_precision is None
+        self._numba_path = self.use_numba() and self.suffix_precision is None
         spatial_suffix = isinstance(self.plan.next_layer, nn.Conv2d)
-        self._suffix = group_channel_ops(self.plan.suffix) if self._kernels and spatial_suffix else list(self.plan.suffix)
+        self._suffix = group_channel_ops(self.plan.suffix) if self._numba_path and spatial_suffix else list(self.plan.suffix)
         if isinstance(self.layer, nn.Conv2d) and target.kind == "weight":
             _, fan_in, height, width = self.layer.weight.shape
             self._per_channel = fan_in * height * width
@@ -201,7 +209,7 @@ class FastEngine(ScoringEngine):
 
     def _next_layout(self, next_output: torch.Tensor) -> torch.Tensor:
         """The cached next-layer output in the layout its updates use: channels-last for the numba kernels."""
-        if self._kernels and isinstance(self.plan.next_layer, nn.Conv2d):
+        if self._numba_path and isinstance(self.plan.next_layer, nn.Conv2d):
             return next_output.contiguous(memory_format=torch.channels_last)
         return next_output
 
@@ -310,7 +318,7 @@ class FastEngine(ScoringEngine):
             out = next_output.unsqueeze(0).repeat(count, *([1] * next_output.dim()))
             out[:, :, offset:offset + size] = new.transpose(0, 1)
             return out
-        if isinstance(layer, nn.Conv2d) and self._kernels and count == 1 and isinstance(layer.padding, tuple):
+        if isinstance(layer, nn.Conv2d) and self._numba_path and count == 1 and isinstance(layer.padding, tuple):
             from rso.engines.kernels import add_one_channel_conv
             out = next_output if update else self._buffer("next", next_output.shape)
             return add_one_channel_conv(next_output, new, old, layer, channel, out).unsqueeze(0)
@@ -335,17 +343,16 @@ class FastEngine(ScoringEngine):
     def _sync(self, state: _Chunk, chunk: int, channel: int) -> None:
         """Bring the chunk's caches up to the current weights and onto ``channel``."""
         current = self.target.parameter.detach()
-        pending = list(dict.fromkeys(self.log[state.synced:]))
+        pending = list(dict.fromkeys(change.channel for change in self.log[state.synced:]))
         for changed in pending:
             if changed == state.channel and state.preactivation is not None and \
                     not isinstance(self.layer, BATCHNORMS):
                 # the cached channel: add the accepted steps to its preactivation, as score() does for a
                 # candidate (a fresh one-channel convolution costs far more at 28x28)
                 old, pre = state.block_output, state.preactivation
-                for position in range(state.synced, len(self.log)):
-                    if self.log[position] == changed:
-                        index, step = self.steps[position]
-                        pre = pre + step * self._basis(state.inputs, index)
+                for change in self.log[state.synced:]:
+                    if change.channel == changed:
+                        pre = pre + change.step * self._basis(state.inputs, change.index)
                 new, offset, size = self._block(pre, changed, None)
             else:
                 if changed == state.channel:
@@ -443,11 +450,10 @@ class FastEngine(ScoringEngine):
     def commit(self, index: int, value: float, chunk: int) -> None:
         channel = self._locate(index)
         self.first_change.setdefault(channel, len(self.log))
-        self.log.append(channel)
         new = torch.tensor(value, dtype=self.dtype, device=self.device)
         step = new - self.values[index]     # as score() computes a candidate's step
         self.values[index] = new
-        self.steps.append((index, step))
+        self.log.append(_Change(channel, index, step))
         last, self._last = self._last, None
         if last is not None and last[0] == chunk and last[1] == index and value in last[2]:
             k = last[2].index(value)
