@@ -124,7 +124,7 @@ def test_rso_never_increases_a_deterministic_loss():
     for _ in range(4):
         returned = optimizer.step(loss_fn)
         now = loss_fn().item()
-        assert returned == pytest.approx(now, rel=1e-12)
+        assert isinstance(returned, torch.Tensor) and returned.item() == pytest.approx(now, rel=1e-12)
         assert now <= previous + 1e-15
         previous = now
     assert previous < 0.8 * first
@@ -160,8 +160,9 @@ def test_rso_sigma_defaults_and_annealing():
     model, _ = tiny_problem()
     optimizer = RSO(model.parameters(), cycles=10)
     first_weight, first_bias = model[0].weight, model[0].bias
-    assert optimizer.state[first_weight]["sigma"] == pytest.approx(math.sqrt(2 / 3))
-    assert optimizer.state[first_bias]["sigma"] == pytest.approx(0.167)
+    group = optimizer.param_groups[0]
+    assert optimizer.base_sigma(first_weight, group) == pytest.approx(math.sqrt(2 / 3))
+    assert optimizer.base_sigma(first_bias, group) == pytest.approx(0.167)
     assert optimizer.current_sigma(first_weight, optimizer.param_groups[0]) == pytest.approx(math.sqrt(2 / 3))
     optimizer.cycle = 9
     assert optimizer.current_sigma(first_weight, optimizer.param_groups[0]) == pytest.approx(math.sqrt(2 / 3) * 0.19)
@@ -220,12 +221,13 @@ def test_rso_for_model_uses_the_trainers_visit_order_and_sigmas():
     model = build_model("convnet", torch.Generator().manual_seed(0), depth=2, channels=3)
     optimizer = RSO.for_model(model, cycles=2)
     names = {id(p): n for n, p in model.named_parameters()}
-    visited = [(names[id(p)], optimizer.state[p]["sigma"]) for _, p in optimizer.visit_order()]
+    visited = [(names[id(p)], optimizer.base_sigma(p, group)) for group, p in optimizer.visit_order()]
     expected = [(t.name, t.sigma) for t in visit_order(model)]
     assert visited == expected and visited[1][0] == "3.weight" and visited[2][0] == "4.bias"
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     from rso.engines import batch_statistics
 
+    @torch.no_grad()  # RSO runs the closure under enable_grad (like LBFGS); this one needs no graph
     def closure():
         with batch_statistics(model):
             return torch.nn.functional.cross_entropy(model(x), y)
