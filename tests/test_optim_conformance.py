@@ -78,7 +78,7 @@ def standard_closure(optimizer, weight, bias, inputs):
 def run_schedulers(schedulers, loss):
     for scheduler in schedulers:
         if isinstance(scheduler, ReduceLROnPlateau):
-            scheduler.step(loss)
+            scheduler.step(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         else:
             scheduler.step()
 
