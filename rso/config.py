@@ -14,7 +14,7 @@ OPTIMIZERS = {"rso": "random search optimization (gradient-free)",
               "sgd": "backprop, SGD with momentum", "adam": "backprop, Adam"}
 # Flags a resumed run may change; everything else comes from its checkpoint.
 RESUMABLE_OVERRIDES = {"cycles", "epochs", "device", "progress", "run_dir", "data_dir", "download", "eval_every",
-                       "max_seconds", "threads", "resume", "resume_if_exists", "name", "engine"}
+                       "max_seconds", "threads", "resume", "resume_if_exists", "name", "engine", "workers"}
 
 
 @dataclass
@@ -50,6 +50,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
+    workers: int = 1                       # RSO: processes sharing every chunk (rso.distributed)
     seed: int = 0
     # evaluation and stopping
     eval_every: str = "sweep"              # "sweep" or "cycle" (RSO); backprop evaluates every epoch
@@ -84,6 +85,10 @@ class TrainConfig:
             (self.eval_every in ("sweep", "cycle"), f"eval-every must be sweep or cycle, got {self.eval_every!r}"),
             (self.bn_samples >= 1, f"bn samples must be positive, got {self.bn_samples}"),
             (self.threads is None or self.threads >= 1, f"threads must be positive, got {self.threads}"),
+            (self.workers >= 1, f"workers must be positive, got {self.workers}"),
+            (self.workers == 1 or self.optimizer == "rso",
+             f"--workers {self.workers}: the backprop baselines run in one process (drop --workers)"),
+            (self.batch_size >= self.workers, f"batch size {self.batch_size} is smaller than --workers {self.workers}"),
             (self.train_subset is None or 1 <= self.train_subset <= 60000, f"train subset must be in 1..60000, got {self.train_subset}"),
             (self.test_subset is None or 1 <= self.test_subset <= 10000, f"test subset must be in 1..10000, got {self.test_subset}"),
             (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be positive, got {self.max_seconds}"),
@@ -162,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sampler", choices=list(SAMPLERS), help="distribution of dw (default gaussian)")
     group.add_argument("--order", choices=list(ORDERS), help="layer visiting order (default output-first)")
     group.add_argument("--chunking", choices=list(CHUNKINGS), help="a fresh chunk per weight visit (default) or one chunk per sweep")
-    group.add_argument("--engine", help="candidate scoring engine: auto, reference, fast (default auto)")
+    group.add_argument("--engine", help="candidate scoring engine: auto, reference, fast, prefix-cache (default auto)")
     group.add_argument("--suffix-precision", dest="suffix_precision", choices=["bfloat16"],
                        help="fast engine only: recompute the layers after the next one in bf16; faster where "
                             "the hardware has bf16, but it may change decisions (off by default: exact)")
@@ -173,7 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("numerics and machine")
     group.add_argument("--dtype", choices=["float32", "float64"], help="model and data precision (default float32)")
     group.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when available)")
-    group.add_argument("--threads", type=_positive_int, help="torch/numba threads (default: all cores)")
+    group.add_argument("--threads", type=_positive_int, help="torch/numba threads per process (default: all cores; "
+                       "one per worker with --workers or torchrun)")
+    group.add_argument("--workers", type=_positive_int,
+                       help="RSO: score every chunk in N local processes on torch.distributed (gloo on CPU, NCCL "
+                            "on CUDA), each holding 1/N of the chunk; the same decisions as one process. "
+                            "torchrun --nproc-per-node N -m rso.train starts them itself. The backprop baselines "
+                            "run in one process (default 1)")
     group.add_argument("--seed", type=int, help="seed for init, shuffles and steps (default 0)")
     group = parser.add_argument_group("evaluation and stopping")
     group.add_argument("--eval-every", dest="eval_every", choices=["sweep", "cycle"], help="RSO: evaluate after every layer sweep (default) or cycle")

@@ -8,6 +8,7 @@ uninterrupted run with the same seed would have (on CPU).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rso import distributed
 from rso.baselines import make_optimizer, train_epoch
 from rso.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from rso.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
@@ -41,6 +43,13 @@ class ConfigError(ValueError):
 
 class RunInterrupted(RunError):
     """Ctrl-C: the last checkpoint stands, and ``--resume`` continues from it."""
+
+
+class _NoLogger:
+    """What ranks other than 0 log: nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 @dataclass
@@ -96,13 +105,19 @@ class Trainer:
     """Holds a run's model, data, logger and progress; ``run()`` trains to the end or a stopping criterion."""
 
     def __init__(self, config: TrainConfig, given: dict | None = None, argv: list[str] | None = None,
-                 data: MNIST | None = None):
+                 data: MNIST | None = None, world: distributed.World = distributed.LOCAL):
         given = given or {}
         config, state, folder = resolve_resume(config, given)
         self.config = config
-        if config.threads:
+        self.world = world
+        if world.size > 1:
+            if config.optimizer != "rso":
+                raise ConfigError("the backprop baselines run in one process (drop --workers / torchrun)")
+            config.workers = world.size
+            distributed.set_threads(config.threads or 1)   # one thread per worker: N workers for N cores
+        elif config.threads:
             torch.set_num_threads(config.threads)
-        self.device = select_device(config.device)
+        self.device = world.device if world.device.type == "cuda" else select_device(config.device)
         self.dtype = getattr(torch, config.dtype)
         if data is None:
             data = load_mnist(config.data_dir, config.train_subset, config.test_subset, download=config.download)
@@ -122,6 +137,8 @@ class Trainer:
         if state is not None:
             self._restore(state)
             self.folder = folder
+        elif not world.is_main:
+            self.folder = None
         else:
             name = config.name or f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
             existing = Path(config.run_dir) / name
@@ -129,7 +146,9 @@ class Trainer:
                 self.folder = existing  # it has no checkpoint (else we would resume): nothing in it to lose
             else:
                 self.folder = unique_run_dir(config.run_dir, name)
-        self.logger = RunLogger(self.folder, printer=tqdm.write)
+        self.folder = Path(world.broadcast(str(self.folder)))   # rank 0 chose it; the others name it in errors
+        # only rank 0 logs, shows progress and writes checkpoints
+        self.logger = RunLogger(self.folder, printer=tqdm.write) if world.is_main else _NoLogger()
         self.logger.describe(config.to_dict(), self.device, argv,
                              resumed_at=self.progress.visits if state is not None else None)
 
@@ -141,6 +160,8 @@ class Trainer:
                 "stopping": self.stopping.state_dict()}
 
     def save(self) -> None:
+        if not self.world.is_main:
+            return
         save_checkpoint(self.checkpoint_state(), self.folder / "checkpoint.pt")
 
     def _restore(self, state: dict) -> None:
@@ -158,7 +179,10 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, full: bool = False) -> tuple[float, float]:
-        """Recompute BN statistics (all training examples if ``full``, else ``bn_samples``), then test."""
+        """Recompute BN statistics (all training examples if ``full``, else ``bn_samples``), then test.
+        Rank 0 only (the others return NaN): evaluation decides nothing the search depends on."""
+        if not self.world.is_main:
+            return float("nan"), float("nan")
         images = self.data.train_images if full else self.data.train_images[: self.config.bn_samples]
         recalibrate_batchnorm(self.model, images)
         self.bn_statistics_step = self.progress.visits  # the saved BN statistics match these weights
@@ -204,12 +228,15 @@ class Trainer:
         return {**metrics, "run_folder": str(self.folder), "history": list(self.progress.history)}
 
     def _stop_reason(self, loss: float, accuracy: float | None) -> str | None:
-        return self.stopping.update(self.progress.visits, loss, accuracy)
+        """Decided on rank 0 (it holds the accuracy and the clock) and shared, so all ranks stop together."""
+        reason = self.stopping.update(self.progress.visits, loss, accuracy) if self.world.is_main else None
+        return self.world.broadcast(reason)
 
     def _run_rso(self) -> str | None:
         config, progress = self.config, self.progress
         try:
-            engine = make_engine(config.engine, self.model, suffix_precision=config.suffix_precision)
+            engine = make_engine(config.engine, self.model, suffix_precision=config.suffix_precision,
+                                 world=self.world if self.world.size > 1 else None)
         except ValueError as error:
             hint = " (--suffix-precision needs the fast engine)" if config.suffix_precision else ""
             raise RunError(f"{error}{hint}") from None
@@ -222,8 +249,14 @@ class Trainer:
         per_cycle = sum(target.numel for target in targets)
         self.logger.line(f"RSO on {config.model}: {per_cycle} weights a cycle in {len(targets)} tensors, "
                          f"{config.cycles} cycles, batch {config.batch_size}, device {self.device}, {config.dtype}")
+        if self.world.size > 1:
+            self.logger.line(f"{self.world.size} workers ({'NCCL' if self.device.type == 'cuda' else 'gloo'}), "
+                             f"each scoring {config.batch_size // self.world.size} or "
+                             f"{-(-config.batch_size // self.world.size)} examples of every chunk")
+            self.world.check_same(sum(float(p.detach().double().sum()) for p in self.model.parameters()),
+                                  "the starting weights")
         bar = tqdm(total=config.cycles * per_cycle, initial=progress.visits, unit="visit", dynamic_ncols=True,
-                   disable=not config.progress, smoothing=0.05)
+                   disable=not config.progress or not self.world.is_main, smoothing=0.05)
 
         def on_progress(visits: int, loss: float, accepted: int) -> None:
             bar.update(visits)
@@ -310,9 +343,10 @@ class Trainer:
 
 
 def train(config: TrainConfig, given: dict | None = None, argv: list[str] | None = None,
-          data: MNIST | None = None) -> dict:
-    """Train as ``config`` says and return the final metrics (see :class:`Trainer`)."""
-    trainer = Trainer(config, given, argv, data)
+          data: MNIST | None = None, world: distributed.World = distributed.LOCAL) -> dict:
+    """Train as ``config`` says and return the final metrics (see :class:`Trainer`); ``world``: this
+    process's rank among the workers of a multi-process run (:mod:`rso.distributed`)."""
+    trainer = Trainer(config, given, argv, data, world)
     try:
         return trainer.run()
     finally:
@@ -338,10 +372,47 @@ def exit_status(run) -> int:
         return 2
 
 
+def run_worker(argv: list[str] | None) -> int:
+    """One rank of a multi-process run (``--workers N`` or torchrun): join the process group, train, and
+    leave the group on every exit path. Errors propagate (the launcher reports them in one line)."""
+    config, given, _ = parse_args(argv)
+    world = distributed.init_world(select_device(config.device))
+    try:
+        train(config, given, argv, world=world)
+    except BaseException as error:
+        distributed.stamp_failure(error)
+        raise
+    finally:
+        distributed.close_world(world)
+    return 0
+
+
+def run_under_torchrun(argv: list[str] | None) -> int:
+    """torchrun started this rank: report a failure in one line naming the rank; torchrun ends the others."""
+    rank, size = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    try:
+        return run_worker(argv)
+    except (KeyboardInterrupt, RunInterrupted) as error:
+        print(f"worker rank {rank} of {size}: {error or 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line, not a traceback per rank
+        print(f"error: worker rank {rank} of {size}: {distributed.one_line(error)}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     config, given, parser = parse_args(argv)
     if config.engine not in ("auto", *ENGINES):
         parser.error(f"unknown engine {config.engine!r}; choose one of auto, {', '.join(ENGINES)}")
+    size = distributed.environment_world_size()
+    if size > 1:   # started by torchrun (env:// rendezvous)
+        if "workers" in given and config.workers != size:
+            parser.error(f"--workers {config.workers} under a launcher that started {size} processes")
+        if config.optimizer != "rso":
+            parser.error("the backprop baselines run in one process (not under torchrun)")
+        return run_under_torchrun(argv)
+    if config.workers > 1:
+        return distributed.launch(config.workers, run_worker, (argv if argv is not None else sys.argv[1:],))
 
     def run() -> None:
         try:

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from rso.distributed import LOCAL, World
 from rso.search.visit import BATCHNORMS, SearchTarget
 
 
@@ -17,17 +18,26 @@ class ChunkPartition:
 
     The remainder (``n mod batch_size`` examples) sits out this sweep, so every chunk has the same size and
     BN statistics are never taken over a tiny chunk. Visit ``j`` of a sweep uses chunk ``j mod n_chunks``.
+    With several workers (``world``, see :mod:`rso.distributed`) ``indices`` is this rank's share of the chunk.
     """
 
-    def __init__(self, order: torch.Tensor, batch_size: int):
+    def __init__(self, order: torch.Tensor, batch_size: int, world: World = LOCAL):
         if batch_size < 1 or batch_size > order.numel():
             raise ValueError(f"batch_size must be in 1..{order.numel()}, got {batch_size}")
+        if batch_size < world.size:
+            raise ValueError(f"batch_size {batch_size} is smaller than the number of workers ({world.size})")
         self.order = order
         self.batch_size = batch_size
         self.n_chunks = order.numel() // batch_size
+        self.world = world
+
+    def rows(self, chunk: int) -> torch.Tensor:
+        """Every example of chunk ``chunk`` (all ranks' shares)."""
+        return self.order[chunk * self.batch_size:(chunk + 1) * self.batch_size]
 
     def indices(self, chunk: int) -> torch.Tensor:
-        return self.order[chunk * self.batch_size:(chunk + 1) * self.batch_size]
+        """The examples of chunk ``chunk`` this process scores: its share (all of them in a world of one)."""
+        return self.world.share(self.rows(chunk))
 
 
 @contextlib.contextmanager
@@ -60,9 +70,12 @@ class ScoringEngine(ABC):
     The search loop calls ``begin_sweep`` once per sweep, then for each weight ``score`` (losses of the
     candidate values) and, when the weight's value changed, ``commit`` after writing it into the parameter.
     ``score`` must not change the model. Losses are summed cross-entropy over the chunk, float64.
+    ``world`` (:mod:`rso.distributed`): the workers sharing each chunk; engines score their share and ask it
+    for the totals (losses, BN statistics). A world of one by default.
     """
 
     name = "base"
+    world: World = LOCAL
 
     def begin_sweep(self, model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
                     partition: ChunkPartition) -> None:

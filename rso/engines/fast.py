@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rso.engines.base import ChunkPartition, ScoringEngine, batch_statistics, summed_cross_entropy
+from rso.distributed import LOCAL, World
+from rso.engines.base import ChunkPartition, ScoringEngine, summed_cross_entropy
 from rso.engines.plan import ChannelOps, SweepPlan, group_channel_ops, plan_sweep, unsupported_reason
 from rso.search.visit import BATCHNORMS, SearchTarget
 
@@ -104,13 +105,14 @@ class FastEngine(ScoringEngine):
 
     name = "fast"
 
-    def __init__(self, kernels: str = "auto", suffix_precision: str | None = None):
+    def __init__(self, kernels: str = "auto", suffix_precision: str | None = None, world: World = LOCAL):
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
         if suffix_precision not in SUFFIX_PRECISIONS:
             raise ValueError(f"unknown suffix precision {suffix_precision!r}; choose None or bfloat16")
         self.kernels = kernels
         self.suffix_precision = suffix_precision
+        self.world = world
         if kernels != "torch":
             from rso.engines import kernels as numba_kernels
             numba_kernels.set_threads(torch.get_num_threads())
@@ -170,7 +172,7 @@ class FastEngine(ScoringEngine):
         state = self.chunks.get(chunk)
         if state is None:
             rows = self.partition.indices(chunk)
-            with batch_statistics(self.model):
+            with self.world.batch_statistics(self.model):
                 x, y = self._forward_to_next(self.images[rows])
             y = self._next_layout(y)
             state = _Chunk(x, self.labels[rows], y, synced=len(self.log))
@@ -201,9 +203,9 @@ class FastEngine(ScoringEngine):
             inputs.append(x)
             outputs.append(y)
         inputs, outputs = torch.cat(inputs), torch.cat(outputs)
-        size = self.partition.batch_size
+        ends = torch.tensor([len(self.partition.indices(chunk)) for chunk in wanted]).cumsum(0).tolist()
         for position, chunk in enumerate(wanted):
-            part = slice(position * size, (position + 1) * size)
+            part = slice(ends[position - 1] if position else 0, ends[position])
             self.chunks[chunk] = _Chunk(inputs[part], self.labels[rows[part]], self._next_layout(outputs[part]),
                                         synced=len(self.log))
 
@@ -289,7 +291,7 @@ class FastEngine(ScoringEngine):
                     bias = None if layer.bias is None else layer.bias[offset:offset + size].repeat(count)
                 shape = x.shape
                 flat = x if spatial else x.reshape(shape[0], -1)
-                x = F.batch_norm(flat, None, None, weight, bias, True, 0.0, layer.eps).view(shape)
+                x = self.world.batch_norm(flat, weight, bias, layer.eps).view(shape)
             elif isinstance(layer, nn.ReLU):
                 x = F.relu(x)
             elif isinstance(layer, nn.Flatten):
@@ -398,7 +400,8 @@ class FastEngine(ScoringEngine):
         for position, layer in enumerate(self._suffix):
             if isinstance(layer, ChannelOps):
                 from rso.engines.kernels import channel_ops
-                x, owned = channel_ops(x, layer, lambda shape, key=f"suffix{position}": self._buffer(key, shape)), True
+                x, owned = channel_ops(x, layer, lambda shape, key=f"suffix{position}": self._buffer(key, shape),
+                                       self.world.combine_moments), True
                 continue
             if isinstance(layer, nn.ReLU) and owned:
                 x = F.relu_(x)
@@ -409,7 +412,7 @@ class FastEngine(ScoringEngine):
                 x = F.conv2d(x.contiguous(memory_format=torch.channels_last), layer.weight, layer.bias,
                              layer.stride, layer.padding, layer.dilation)
             elif isinstance(layer, BATCHNORMS):
-                x = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+                x = self.world.batch_norm(x, layer.weight, layer.bias, layer.eps)
             else:
                 x = layer(x)    # pooling makes a new tensor, Flatten/Identity a view of the same ownership
                 owned = owned or not isinstance(layer, (nn.Flatten, nn.Identity))
@@ -438,10 +441,13 @@ class FastEngine(ScoringEngine):
         # chunk's loss was last computed, that loss is candidate 0's, and its suffix pass is skipped
         unchanged = values[0].item() == self.target.parameter.detach().view(-1)[index].item()
         known = state.current_loss if unchanged and state.loss_version == len(self.log) else None
-        losses = torch.empty(count, dtype=torch.float64)
+        losses = torch.zeros(count, dtype=torch.float64)
         for k in range(count):
-            losses[k] = known if k == 0 and known is not None else \
-                self._candidate_loss(state, out, k, channel, offset, size)
+            if k > 0 or known is None:
+                losses[k] = self._candidate_loss(state, out, k, channel, offset, size)
+        losses = self.world.sum(losses)     # this rank's share of the chunk -> the chunk's losses
+        if known is not None:
+            losses[0] = known
         if unchanged:
             state.current_loss, state.loss_version = losses[0].item(), len(self.log)
         self._last = (chunk, index, values.tolist(), out, pre, losses, offset, size)
@@ -472,7 +478,8 @@ class FastEngine(ScoringEngine):
         """The whole sweep: the fused numba loop for the output layer on CPU, the per-visit loop otherwise."""
         from rso.search.loop import visit_each_weight
         self.prebuild(sorted(set(chunks.tolist())))
-        if self.plan.head_only and self.use_numba():
+        if self.plan.head_only and self.use_numba() and self.world.size == 1:
+            # (the fused loop decides inside numba; with several workers each visit's losses are reduced first)
             from rso.engines.kernels import dense_head_sweep
             dense_head_sweep(self, chunks, steps, weight_decay, stats, progress)
         else:

@@ -301,10 +301,12 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
-def channel_ops(x: torch.Tensor, ops, buffer=None) -> torch.Tensor:
+def channel_ops(x: torch.Tensor, ops, buffer=None, combine_moments=None) -> torch.Tensor:
     """Run a :class:`rso.engines.plan.ChannelOps` group (BN with batch statistics, ReLU, pooling) on the
     (N, C, H, W) tensor ``x``; returns a channels-last (N, C, H', W') tensor. Same values as the PyTorch
-    layers up to rounding. ``buffer(shape)``, when given, supplies the (channels-last) output tensor."""
+    layers up to rounding. ``buffer(shape)``, when given, supplies the (channels-last) output tensor.
+    ``combine_moments(count, mean, variance)``, when given, turns this process's BN statistics into the whole
+    chunk's (:meth:`rso.distributed.World.combine_moments`)."""
     source = _nhwc(x)
     n, height, width, c = source.shape
     array = source.numpy()
@@ -315,6 +317,8 @@ def channel_ops(x: torch.Tensor, ops, buffer=None) -> torch.Tensor:
         first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
         mean = shift + first
         variance = np.maximum(second - first * first, 0.0)
+        if combine_moments is not None:
+            mean, variance = combine_moments(count, mean, variance)
         scale = 1.0 / np.sqrt(variance + layer.eps)
         if layer.weight is not None:
             scale = scale * layer.weight.detach().cpu().double().numpy()

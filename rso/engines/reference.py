@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from rso.engines.base import ScoringEngine, batch_statistics, summed_cross_entropy
+from rso.distributed import LOCAL, World
+from rso.engines.base import ScoringEngine, summed_cross_entropy
 
 
 class ReferenceEngine(ScoringEngine):
-    """Works for any ``nn.Module`` on any device: sets the weight, runs the whole model, restores it."""
+    """Works for any ``nn.Module`` on any device: sets the weight, runs the whole model, restores it.
+
+    With several workers each runs its share of the chunk; BN layers normalize by the whole chunk's
+    statistics and the losses are summed over the ranks (:class:`rso.distributed.World`).
+    """
 
     name = "reference"
+
+    def __init__(self, world: World = LOCAL):
+        self.world = world
 
     def score(self, index: int, values: torch.Tensor, chunk: int) -> torch.Tensor:
         rows = self.partition.indices(chunk)
@@ -19,10 +27,10 @@ class ReferenceEngine(ScoringEngine):
         original = flat[index].clone()
         losses = torch.empty(len(values), dtype=torch.float64)
         try:
-            with torch.no_grad(), batch_statistics(self.model):
+            with torch.no_grad(), self.world.batch_statistics(self.model):
                 for k, value in enumerate(values.tolist()):
                     flat[index] = value
                     losses[k] = summed_cross_entropy(self.model(images), labels)
         finally:
             flat[index] = original
-        return losses
+        return self.world.sum(losses)

@@ -11,7 +11,8 @@ For the target tensor ``W`` of a layer, with its annealed sigma::
 
 All randomness of a sweep (the shuffle and every dw) is drawn from the caller's ``torch.Generator`` at the
 start of the sweep, so the result does not depend on the engine, and a run resumed at a sweep boundary
-continues exactly.
+continues exactly. With several workers (:mod:`rso.distributed`) every rank draws the same randomness and
+the engine reduces the losses over the ranks' shares, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def run_sweep(model: nn.Module, target: SearchTarget, images: torch.Tensor, labe
     start = time.perf_counter()
     partition, chunks, steps = draw_sweep(target, len(labels), batch_size, sigma, sampler, generator, chunking)
     partition.order = partition.order.to(images.device)
+    partition.world = engine.world      # with several workers each scores its share of every chunk
     stats = SweepStats(target.name, sigma)
     engine.begin_sweep(model, target, images, labels, partition)
     try:

@@ -1,0 +1,348 @@
+"""Data-parallel exact scoring on torch.distributed: what is reduced, in which order, in which dtype.
+
+A visit's decision needs sums over the examples of its chunk. With N workers every rank holds a contiguous
+share of every chunk (the chunk partition is drawn from the same seeded generator on every rank), computes
+its share's partial sums, and the engines ask this module for the totals:
+
+- the candidates' loss sums (float64), once per visit;
+- for train-mode BatchNorm, each BN layer's per-channel batch statistics (per candidate: the candidates are
+  columns of one tensor), before it normalizes. Each rank sends (count, mean, variance) of its share in
+  float64; the totals are combined with Chan's parallel formula, which is stable where raw sums of squares
+  would cancel.
+
+Every reduction is an ``all_gather`` followed by a sum in rank order, done identically on every rank, so all
+ranks hold bit-identical totals whatever the backend's reduction algorithm, and take the same decision.
+A world of one (:data:`LOCAL`) is the same code with no-op reductions: torch's own ``batch_norm`` and the
+local sums, which is what the single-process exactness tests check.
+
+Process groups: gloo on CPU, NCCL on CUDA; ``python -m rso.train --workers N`` starts N local processes
+(:func:`launch`), ``torchrun --nproc-per-node N -m rso.train`` starts them itself (env:// rendezvous:
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class WorkerFailed(RuntimeError):
+    """A worker of a multi-process run raised or died; the message names its rank."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by ``RSO_FAULT_RANK`` (tests of the failure path)."""
+
+
+class World:
+    """This process's place among the workers of a run, and the reductions the engines ask for.
+
+    ``World()`` is a world of one: every reduction returns its input. :func:`init_world` returns a World over
+    the default process group.
+    """
+
+    def __init__(self, rank: int = 0, size: int = 1, device: torch.device | None = None):
+        self.rank, self.size = rank, size
+        self.device = device or torch.device("cpu")     # where NCCL wants the tensors it reduces
+        self.collectives = 0
+        fault = os.environ.get("RSO_FAULT_RANK")
+        self._fault_rank = int(fault) if fault not in (None, "") else None
+        self._fault_after = int(os.environ.get("RSO_FAULT_AFTER", "0"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only one that logs, shows progress and writes checkpoints."""
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return f"World(rank={self.rank}, size={self.size})"
+
+    # ------------------------------------------------------------------------------------------ reductions
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """(size, ...) float64: every rank's ``local``, stacked in rank order (on the CPU)."""
+        if self.size == 1:
+            return local.detach().to("cpu", torch.float64).unsqueeze(0)
+        self.collectives += 1
+        if self._fault_rank == self.rank and self.collectives > self._fault_after:
+            if os.environ.get("RSO_FAULT_MODE") == "exit":
+                os._exit(3)   # a worker that dies without a word (killed, out of memory)
+            raise InjectedFault(f"injected fault at collective {self.collectives} (RSO_FAULT_RANK={self.rank})")
+        import torch.distributed as dist
+
+        local = local.detach().to(self.device, torch.float64).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(parts, local)
+        return torch.stack(parts).cpu()
+
+    def sum(self, local: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of ``local`` (float64, summed in rank order); ``local`` itself in a world of one."""
+        if self.size == 1:
+            return local
+        gathered = self.gather(local)
+        total = gathered[0].clone()
+        for part in gathered[1:]:
+            total += part
+        return total.to(local.device)
+
+    def combine_moments(self, count: int, mean, variance):
+        """Global per-channel (mean, variance) from this rank's share: ``count`` examples (times pixels) with
+        per-channel ``mean`` and biased ``variance`` (float64, numpy or torch). Chan's formula, rank order."""
+        if self.size == 1:
+            return mean, variance
+        as_numpy = isinstance(mean, np.ndarray)
+        mean_t = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+        variance_t = torch.as_tensor(variance, dtype=torch.float64).reshape(-1)
+        counts = torch.full_like(mean_t, float(count))
+        gathered = self.gather(torch.stack([counts, mean_t, variance_t]))   # (size, 3, C)
+        n, means, variances = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+        total = n.sum(0)
+        global_mean = (n * means).sum(0) / total
+        global_variance = (n * (variances + (means - global_mean) ** 2)).sum(0) / total
+        if as_numpy:
+            return global_mean.numpy(), global_variance.numpy()
+        return global_mean.to(mean.device), global_variance.to(mean.device)
+
+    def batch_norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+        """Train-mode batch normalization of ``x`` (N, C, ...) with the statistics of the whole chunk (all
+        ranks' shares); no running statistics. A world of one is ``F.batch_norm`` itself."""
+        if self.size == 1:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        dims = [0] + list(range(2, x.dim()))
+        count = x.numel() // x.shape[1]
+        variance, mean = torch.var_mean(x.to(torch.float64), dim=dims, unbiased=False)
+        mean, variance = self.combine_moments(count, mean, variance)
+        scale = 1.0 / torch.sqrt(variance + eps)
+        if weight is not None:
+            scale = scale * weight.to(torch.float64)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(torch.float64)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+
+    @contextlib.contextmanager
+    def batch_statistics(self, model: nn.Module) -> Iterator[None]:
+        """``rso.engines.base.batch_statistics`` (BN on batch statistics, running statistics untouched), with
+        every BN layer of ``model`` normalizing by the whole chunk's statistics when there are several ranks."""
+        from rso.engines.base import batch_statistics
+
+        with batch_statistics(model):
+            if self.size == 1:
+                yield
+                return
+            patched = [module for module in model.modules() if isinstance(module, BATCHNORMS)]
+            try:
+                for module in patched:
+                    module.forward = (lambda x, module=module:
+                                      self.batch_norm(x, module.weight, module.bias, module.eps))
+                yield
+            finally:
+                for module in patched:
+                    module.__dict__.pop("forward", None)
+
+    # ------------------------------------------------------------------------------------------ agreement
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank: decisions that depend on time or on
+        rank 0's evaluation (stopping) are taken once."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def check_same(self, value: float, what: str) -> None:
+        """Raise when the ranks disagree on ``value`` (e.g. a checksum of the starting weights)."""
+        if self.size == 1:
+            return
+        values = self.gather(torch.tensor([float(value)]))[:, 0].tolist()
+        if any(v != values[0] for v in values):
+            raise WorkerFailed(f"the workers disagree on {what}: {values}")
+
+    def share(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of a chunk's ``rows`` (sizes differ by at most one)."""
+        if self.size == 1:
+            return rows
+        n = rows.numel()
+        return rows[n * self.rank // self.size:n * (self.rank + 1) // self.size]
+
+
+LOCAL = World()
+
+
+def environment_world_size() -> int:
+    """WORLD_SIZE when this process was started by torchrun (or another env:// launcher), else 1."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    except ValueError:
+        return 1
+
+
+def set_threads(count: int) -> None:
+    """``count`` torch and numba threads. numba's pool resets torch's OpenMP thread count when it starts, so
+    numba is imported and sized first, then torch."""
+    try:
+        import numba
+
+        numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    except ImportError:
+        pass
+    torch.set_num_threads(count)
+
+
+def init_world(device: torch.device, rank: int | None = None, size: int | None = None,
+               init_method: str = "env://", timeout_s: float | None = None) -> World:
+    """Join the process group (gloo on CPU, NCCL on CUDA) and return this process's World.
+
+    ``rank``/``size`` default to the environment's RANK/WORLD_SIZE (torchrun). On CUDA each rank takes
+    ``cuda:LOCAL_RANK``. ``RSO_DIST_TIMEOUT`` (seconds, default 1800) bounds how long a collective waits.
+    """
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"]) if rank is None else rank
+    size = int(os.environ["WORLD_SIZE"]) if size is None else size
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timeout_s if timeout_s is not None else float(os.environ.get("RSO_DIST_TIMEOUT", "1800"))
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=timeout))
+    return World(rank, size, device if backend == "nccl" else torch.device("cpu"))
+
+
+def stamp_failure(error: BaseException) -> None:
+    """Note when ``error`` happened, before the process group goes down: its peers fail a moment later on
+    the lost connection, and the launcher names the earliest failure as the cause."""
+    with contextlib.suppress(AttributeError, TypeError):
+        if not hasattr(error, "failed_at"):
+            error.failed_at = time.time()
+
+
+def close_world(world: World) -> None:
+    """``destroy_process_group`` if one is up; safe on every exit path."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _worker(rank: int, size: int, port: int, report, target: Callable, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if rank != 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: rank 0 reports it, the launcher ends the rest
+    try:
+        status = target(*args) or 0
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException as error:  # noqa: BLE001 - reported to the launcher in one line, then the process ends
+        report.send((getattr(error, "failed_at", time.time()), rank, one_line(error), traceback.format_exc()))
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def launch(size: int, target: Callable, args: tuple = (), grace_s: float = 10.0) -> int:
+    """Run ``target(*args)`` in ``size`` local processes (ranks 0..size-1, rendezvous on a free localhost
+    port) and supervise them: when one fails, the others are ended (SIGTERM, then SIGKILL after ``grace_s``)
+    and one line names the failed rank. Returns the run's exit status (0 when every rank returned 0)."""
+    context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe(duplex=False) for _ in range(size)]    # (receive, send): a failure's one line
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(rank, size, port, pipes[rank][1], target, args))
+                 for rank in range(size)]
+    for process in processes:
+        process.start()
+    failed: tuple[int, int] | None = None
+    interrupted = False
+    try:
+        while any(process.is_alive() for process in processes):
+            for rank, process in enumerate(processes):
+                if process.exitcode not in (None, 0) and failed is None:
+                    failed = (rank, process.exitcode)
+            if failed is not None:
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        interrupted = True
+        failed = failed or (0, 130)
+    if failed is None:
+        for rank, process in enumerate(processes):
+            process.join()
+            if process.exitcode != 0 and failed is None:
+                failed = (rank, process.exitcode)
+    if interrupted:
+        processes[0].join(grace_s)   # rank 0 reports the interrupt and where the last checkpoint is
+    codes = [process.exitcode for process in processes]   # before the survivors are ended below
+    _end(processes, grace_s)
+    reports = sorted(receive.recv() for receive, _ in pipes if receive.poll())
+    if failed is None:
+        return 0
+    reported = {rank for _, rank, _, _ in reports}
+    # the cause: a worker that died without a word (its peers then fail on the lost connection), else the
+    # first one that reported an error
+    silent = [rank for rank, code in enumerate(codes) if code not in (None, 0, 130) and rank not in reported]
+    if silent:
+        rank = failed[0] if failed[0] in silent else silent[0]
+        code = codes[rank]
+        how = f"died ({signal.Signals(-code).name})" if code < 0 else f"exited with status {code}"
+        print(f"error: worker rank {rank} of {size} {how}; the other workers were stopped", file=sys.stderr)
+        return 2
+    if reports:
+        _, rank, line, _ = reports[0]
+        if line.startswith(("KeyboardInterrupt", "RunInterrupted")):
+            print(line.split(": ", 1)[-1], file=sys.stderr)
+            return 130
+        print(f"error: worker rank {rank} of {size} failed: {line}; the other workers were stopped",
+              file=sys.stderr)
+        return 2
+    return 130 if interrupted or failed[1] == 130 else 2
+
+
+def _end(processes, grace_s: float) -> None:
+    """Give the processes still alive ``grace_s`` to exit after SIGTERM, then SIGKILL them; reap all."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()

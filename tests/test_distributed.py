@@ -1,0 +1,135 @@
+"""Data-parallel exact scoring (rso.distributed): 2 gloo workers on localhost take the decisions of 1 process.
+
+Multi-worker runs are subprocesses of ``python -m rso.train`` with a timeout, so a hung worker fails the test
+instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rso import distributed
+from rso.checkpoint import load_checkpoint
+from rso.train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--train-subset", "128", "--test-subset", "50", "--batch-size", "32", "--dtype", "float64",
+        "--eval-every", "cycle", "--bn-samples", "128", "--threads", "1", "--no-progress", "--no-download"]
+NETS = {"bn": ["--model", "convnet", "--depth", "2", "--channels", "3"], "oneconv": ["--model", "oneconv"]}
+TIMEOUT_S = 400
+
+
+def run_workers(data_dir, folder: Path, name: str, *flags, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m rso.train`` in a subprocess (it starts the workers), from this checkout."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "RSO_DATA_DIR": str(data_dir), **(env or {})}
+    environment.pop("RANK", None)
+    return subprocess.run([sys.executable, "-m", "rso.train", *TINY, "--data-dir", str(data_dir), "--run-dir",
+                           str(folder), "--name", name, *flags], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+
+
+def run_here(data_dir, folder: Path, name: str, *flags) -> None:
+    assert main([*TINY, "--data-dir", str(data_dir), "--run-dir", str(folder), "--name", name, *flags]) == 0
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The searched tensors of a run's checkpoint (BN running statistics are evaluation state)."""
+    model = load_checkpoint(folder)["model"]
+    return {key: value for key, value in model.items() if "running" not in key and "num_batches" not in key}
+
+
+def sweep_lines(folder: Path) -> list[str]:
+    """Each sweep's tensor, sigma, acceptance rate and mean loss (without times and test accuracy)."""
+    lines = []
+    for line in (folder / "log.txt").read_text().splitlines():
+        if " cycle " in line and " accept " in line:
+            lines.append(line.split(" (")[0].split(" test acc")[0].split(" ", 1)[1])
+    return lines
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+@pytest.mark.parametrize("net", list(NETS))
+def test_two_workers_take_the_decisions_of_one(net, engine, tmp_path, data_dir):
+    """float64, one full cycle: the same decisions (per-sweep acceptances, accepted count) and bit-identical
+    final weights with 2 workers as with 1."""
+    flags = [*NETS[net], "--engine", engine, "--cycles", "1"]
+    run_here(data_dir, tmp_path, "one", *flags, "--workers", "1")
+    two = run_workers(data_dir, tmp_path, "two", *flags, "--workers", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_final = json.loads((tmp_path / "one" / "final.json").read_text())
+    two_final = json.loads((tmp_path / "two" / "final.json").read_text())
+    assert two_final["accepted"] == one_final["accepted"] > 0
+    assert two_final["visits"] == one_final["visits"]
+    assert sweep_lines(tmp_path / "two") == sweep_lines(tmp_path / "one")
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+    log = (tmp_path / "two" / "log.txt").read_text()
+    assert "2 workers (gloo)" in log
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["workers"] == 2
+    assert not list((tmp_path).glob("two-*")), "only rank 0 makes a run folder"
+
+
+def test_a_two_worker_run_resumes_with_one_worker_exactly(tmp_path, data_dir):
+    flags = [*NETS["bn"], "--engine", "fast"]
+    run_here(data_dir, tmp_path, "straight", *flags, "--cycles", "2")
+    first = run_workers(data_dir, tmp_path, "split", *flags, "--cycles", "1", "--workers", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert main(["--resume", str(tmp_path / "split"), "--cycles", "2", "--workers", "1", "--no-progress"]) == 0
+    straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), key
+
+
+@pytest.mark.parametrize("mode", ["raise", "exit"])
+def test_a_failing_worker_ends_the_run_in_one_line(mode, tmp_path, data_dir):
+    """Rank 1 raises (or dies) in the middle of the second sweep: the run ends (no hung process: the
+    subprocess returns within its timeout) with one line naming rank 1, and the checkpoint of the first
+    sweep is intact."""
+    flags = [*NETS["bn"], "--engine", "fast", "--cycles", "1", "--workers", "2", "--eval-every", "sweep"]
+    # the first sweep (the 30 output weights) takes 30 loss reductions plus the chunks' BN statistics
+    result = run_workers(data_dir, tmp_path, "failing", *flags,
+                         env={"RSO_FAULT_RANK": "1", "RSO_FAULT_AFTER": "60", "RSO_FAULT_MODE": mode})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "worker rank 1 of 2" in errors[0]
+    assert ("injected fault" in errors[0]) if mode == "raise" else ("exited with status 3" in errors[0])
+    assert "Traceback" not in result.stderr
+    state = load_checkpoint(tmp_path / "failing")
+    assert state["progress"]["target_index"] >= 1 and state["progress"]["cycle"] == 0
+
+
+def test_workers_flag_errors(tmp_path, data_dir, capsys):
+    for flags, message in ((["--optimizer", "sgd", "--workers", "2"], "backprop baselines run in one process"),
+                           (["--batch-size", "1", "--workers", "2"], "smaller than --workers 2"),
+                           (["--workers", "0"], "must be a positive integer")):
+        with pytest.raises(SystemExit):
+            main([*TINY, "--run-dir", str(tmp_path), *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_reductions_of_a_world_of_one_are_the_identity():
+    world = distributed.LOCAL
+    losses = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert world.sum(losses) is losses
+    mean, variance = torch.ones(3), torch.full((3,), 2.0)
+    assert world.combine_moments(10, mean, variance) == (mean, variance)
+    rows = torch.arange(10)
+    assert world.share(rows) is rows
+
+
+def test_shares_cover_a_chunk_once():
+    rows = torch.arange(17)
+    for size in (1, 2, 3, 5):
+        shares = [distributed.World(rank, size).share(rows) for rank in range(size)]
+        assert torch.equal(torch.cat(shares), rows)
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
