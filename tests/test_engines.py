@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rso.data import load_mnist
-from rso.engines import ENGINES, ChunkPartition, FastEngine, ReferenceEngine, make_engine
+from rso.engines import ENGINES, ChunkPartition, FastEngine, PrefixCacheEngine, ReferenceEngine, make_engine
 from rso.models import build_model, he_init_
 from rso.search.candidates import candidate_values, gaussian_steps, select_candidate
 from rso.search.loop import run_sweep
@@ -117,6 +117,15 @@ def test_losses_equal_reference_float64(name, kernels, mnist):
         _, accepted = compare_visits(model, target, images, labels, 32, FastEngine(kernels=kernels), visits=20)
         total_accepted += accepted
     assert total_accepted > 0   # the incremental cache updates were exercised
+
+
+@pytest.mark.parametrize("name", list(small_nets()))
+def test_prefix_cache_engine_equals_reference_float64(name, mnist):
+    """The bench's anchor (cached prefix, full forward from the searched layer) is exact too."""
+    images, labels = mnist
+    model = randomize(small_nets()[name], seed=1).double()
+    for target in visit_order(model):
+        compare_visits(model, target, images.double(), labels, 32, PrefixCacheEngine(), visits=6)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "numba"])

@@ -9,12 +9,15 @@ from torch import nn
 
 from rso.engines.base import ChunkPartition, ScoringEngine, batch_statistics, summed_cross_entropy
 from rso.engines.fast import FastEngine
+from rso.engines.prefix import PrefixCacheEngine
 from rso.engines.reference import ReferenceEngine
 
 # name -> (factory, one-line description)
 ENGINES: dict[str, tuple[Callable[..., ScoringEngine], str]] = {
     "reference": (ReferenceEngine, "one full forward pass per candidate; any model; the test oracle"),
     "fast": (FastEngine, "cached lower layers, one-channel incremental deltas, numba CPU kernels; exact"),
+    "prefix-cache": (PrefixCacheEngine, "cached input of the searched layer, every candidate forwarded from it "
+                                        "(the authors' scheme; the bench's anchor); exact"),
 }
 
 
@@ -32,5 +35,5 @@ def make_engine(name: str, model: nn.Module | None = None, **options) -> Scoring
     return factory(**given)
 
 
-__all__ = ["ENGINES", "ChunkPartition", "FastEngine", "ReferenceEngine", "ScoringEngine", "batch_statistics", "make_engine",
+__all__ = ["ENGINES", "ChunkPartition", "FastEngine", "PrefixCacheEngine", "ReferenceEngine", "ScoringEngine", "batch_statistics", "make_engine",
            "summed_cross_entropy"]
