@@ -32,7 +32,7 @@ mnist-rso-paper: install ## the paper's configuration: paper6, batch 5000, 50 cy
 mnist-sgd: install ## the backprop baseline (SGD with momentum) on the same model
 	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-sgd --optimizer sgd --batch-size 100 $(ARGS)
 
-bench: install ## speed of the scoring engines: per-visit cost, cycle time, ratio, memory, FLOP rate
+bench: install ## speed of the scoring engines side by side: fast 1 and N workers, prefix-cache, reference; memory
 	$(PYTHON) -m rso.bench $(ARGS)
 
 compare: install ## experiment: RSO vs SGD vs Adam on the same model and data -> results/compare

@@ -1,17 +1,28 @@
-"""Benchmark of the scoring engines: microseconds per weight visit, per tensor; the projected time of one full
-cycle; the ratio; peak memory; achieved FLOP rate next to a matmul/conv rate measured in the same run.
+"""Benchmark of the scoring engines, side by side in one run: seconds per layer sweep and per cycle for the
+fast engine with 1 worker and with N workers, the prefix-cache scorer (what the authors' code does) and the
+reference; peak memory per worker; a full ``oneconv`` cycle measured outright beside its projection.
 
-    python -m rso.bench                      # paper6 at batch 5000 and oneconv at batch 512, current device
-    python -m rso.bench --quick              # fewer samples (a smoke test)
-    python -m rso.bench --threads 2          # both engines with two torch threads
+    python -m rso.bench                       # paper6 at batch 5000 and oneconv at batch 512, 2 workers
+    python -m rso.bench --quick               # a smoke test on a slice, written to a scratch folder
+    python -m rso.bench --workers 4 --models paper6
 
-For each tensor of the visit order the fast engine runs the first consecutive visits of a real sweep (row-major
-order, chunk ``j mod n_chunks``, accepts written back) after filling its per-chunk caches: the first visit of
-every chunk in the first output channel (these move the chunk's caches onto a channel) and ``--fast-visits``
-more. A sweep is projected as ``cache setup + first visits x their mean time + the other visits x theirs``. Sweeps the fast engine runs as one fused
-loop (the output layer on CPU) are timed in full. The reference engine's cost per visit does not depend on
-the tensor (three full forward passes), so it is sampled on a few tensors and its mean is used for all.
-The figures go to ``results/bench/bench.json`` and ``results/bench/bench.txt``.
+What is timed (every configuration runs in fresh processes, one torch and one numba thread per worker):
+
+- fast engine, 1 and N workers: for every tensor, a contiguous sample from the start of a real sweep (row-major
+  order, chunk ``j mod n_chunks``, accepts written back, caches filled when a chunk is first visited, as in a
+  run): the first output channel, the first visits of the second one (channel moves) and ``--extra-visits``
+  more. Visits are classed as chunk first visits (cache fills), channel moves and the rest; the sweep is
+  projected as the sum over classes of (visits of that class in the whole sweep) x (their mean time in the
+  sample). Tensors the sample covers (biases, BN) and fused sweeps (the output layer) are timed whole.
+- prefix-cache: the first ``--prefix-visits`` visits of each tensor's sweep after filling the caches of the
+  chunks they use; projected as (fill time per chunk x chunks) + (visits x mean visit time).
+- reference: three full forward passes per visit whatever the tensor: ``--reference-visits`` visits on
+  ``--reference-tensors`` tensors, their mean for every weight.
+- ``--full-cycle`` models (default oneconv): one whole cycle (every sweep, as the trainer runs it) with the fast
+  engine, 1 and N workers, measured outright, beside the projection above.
+
+Results go to ``results/bench/bench.json`` and ``bench.txt`` (``--quick``: a scratch folder, never there). The
+header records the load average: on a shared machine every ratio is measured in one run, but not at rest.
 """
 
 from __future__ import annotations
@@ -24,21 +35,23 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from rso import distributed
 from rso.data import load_mnist
-from rso.engines import FastEngine, ReferenceEngine
+from rso.engines import FastEngine, PrefixCacheEngine, ReferenceEngine
 from rso.models import build_model
 from rso.search.candidates import candidate_values, gaussian_steps, select_candidate
-from rso.search.loop import SweepStats, draw_sweep
+from rso.search.loop import SweepStats, draw_sweep, run_sweep
 from rso.search.visit import visit_order
 
 CASES = (("paper6", 5000), ("oneconv", 512))
+DEFAULT_OUTPUT = "results/bench"
 
 
 def sync(device: torch.device) -> None:
@@ -58,57 +71,180 @@ def visit(engine, target, index: int, step: float, chunk: int, weight_decay: flo
         engine.commit(index, chosen, chunk)
 
 
-def measure_tensor(engine, model, target, images, labels, batch_size, visits, seed, device):
-    # note: the fast engine's cost per visit depends on the layer, not on the element (weight, bias or BN)
-    """(seconds per visit, projected seconds per sweep, measured visits, flops per visit or None)."""
+def per_channel(model, target) -> int:
+    """Elements of ``target`` that share one output channel (a conv/dense weight row), else 1."""
+    parameter = target.parameter
+    return parameter[0].numel() if target.kind == "weight" and parameter.dim() > 1 else 1
+
+
+def visit_class(index: int, channel_size: int, n_chunks: int) -> str:
+    """``fill``: a chunk's first visit of the sweep; ``move``: a chunk's first visit in a later channel; ``rest``."""
+    if index < n_chunks:
+        return "fill"
+    return "move" if index % channel_size < n_chunks else "rest"
+
+
+def project(times: list[float], numel: int, channel_size: int, n_chunks: int) -> float:
+    """A whole sweep from the times of its first ``len(times)`` visits (see the module docstring)."""
+    if len(times) >= numel:
+        return sum(times)
+    counts: dict[str, int] = {}
+    for index in range(numel):
+        kind = visit_class(index, channel_size, n_chunks)
+        counts[kind] = counts.get(kind, 0) + 1
+    sampled: dict[str, list[float]] = {}
+    for index, seconds in enumerate(times):
+        sampled.setdefault(visit_class(index, channel_size, n_chunks), []).append(seconds)
+    fallback = sum(times) / len(times)
+    return sum(count * (sum(sampled[kind]) / len(sampled[kind]) if kind in sampled else fallback)
+               for kind, count in counts.items())
+
+
+def sweep_sample(engine, model, target, images, labels, batch_size, seed, device, count: int | None,
+                 world=distributed.LOCAL) -> dict:
+    """Time the first ``count`` visits (all when ``None``) of a real sweep of ``target``."""
     generator = torch.Generator().manual_seed(seed)
     partition, chunks, steps = draw_sweep(target, len(labels), batch_size, target.sigma, gaussian_steps, generator)
     partition.order = partition.order.to(device)
+    partition.world = world
+    channel_size = per_channel(model, target)
+    start = time.perf_counter()
     engine.begin_sweep(model, target, images, labels, partition)
     try:
-        if isinstance(engine, FastEngine) and engine.plan.head_only and engine.use_numba():
-            start = time.perf_counter()
+        fused = isinstance(engine, FastEngine) and engine.plan.head_only and engine.use_numba() and world.size == 1
+        if fused:    # the output layer's sweep is one numba loop: timed whole
             engine.run_sweep(chunks, steps, 0.0, SweepStats(target.name, target.sigma), None)
             sync(device)
             seconds = time.perf_counter() - start
-            return seconds / target.numel, seconds, target.numel, None
-        fast = isinstance(engine, FastEngine)
-        # Visit j of a sweep (row-major, chunk j mod n_chunks) is the first of its chunk in its output channel
-        # when j mod per_channel < n_chunks: the chunk's caches then move onto the channel (a one-channel
-        # convolution), while later visits only add the accepted steps. The two kinds are timed apart and
-        # weighted as in a whole sweep: n_channels x min(per_channel, n_chunks) first visits.
-        per_channel = engine._per_channel if fast else target.numel
-        first_kind = min(per_channel, partition.n_chunks) if fast else 0
-        count = min(target.numel, first_kind + visits)
-        setup = 0.0
-        if fast:
-            used = min(partition.n_chunks, count)
-            start = time.perf_counter()
-            engine.prebuild(list(range(used)))
-            for chunk in range(used):
-                engine._chunk(chunk)
-            sync(device)
-            setup = (time.perf_counter() - start) / used * min(partition.n_chunks, target.numel)
+            return {"sweep_s": seconds, "visits": target.numel, "whole": True}
+        if isinstance(engine, FastEngine):
+            engine.prebuild(sorted(set(chunks.tolist())))   # as run_sweep does (only where no BN is below)
+        setup = time.perf_counter() - start
+        count = target.numel if count is None else min(count, target.numel)
         steps_list, chunks_list = steps.tolist(), chunks.tolist()
-        times: dict[bool, list[float]] = {True: [], False: []}
+        times = []
         for index in range(count):
-            start = time.perf_counter()
+            began = time.perf_counter()
             visit(engine, target, index, steps_list[index], chunks_list[index])
             sync(device)
-            times[index % per_channel < first_kind].append(time.perf_counter() - start)
-        first_visits = target.numel // per_channel * first_kind
-        first_cost = sum(times[True]) / len(times[True]) if times[True] else 0.0
-        steady_cost = sum(times[False]) / len(times[False]) if times[False] else first_cost
-        sweep_visits = first_visits * first_cost + (target.numel - first_visits) * steady_cost
-        per_visit = sweep_visits / target.numel
-        flops = None
-        if count < target.numel:
-            with FlopCounterMode(display=False) as counter:
-                visit(engine, target, count, steps_list[count], chunks_list[count])
-            flops = counter.get_total_flops()
-        return per_visit, setup + sweep_visits, count, flops
+            times.append(time.perf_counter() - began)
+        sweep = setup + project(times, target.numel, channel_size, partition.n_chunks)
+        return {"sweep_s": sweep, "visits": count, "whole": count == target.numel}
     finally:
         engine.end_sweep()
+
+
+def prefix_sample(model, target, images, labels, batch_size, seed, device, visits: int, world) -> dict:
+    """Prefix-cache: fill the caches of the chunks the first ``visits`` visits use, then time those visits."""
+    generator = torch.Generator().manual_seed(seed)
+    partition, chunks, steps = draw_sweep(target, len(labels), batch_size, target.sigma, gaussian_steps, generator)
+    partition.order = partition.order.to(device)
+    partition.world = world
+    engine = PrefixCacheEngine(world)
+    engine.begin_sweep(model, target, images, labels, partition)
+    try:
+        count = min(visits, target.numel)
+        used = sorted(set(chunks[:count].tolist()))
+        start = time.perf_counter()
+        for chunk in used:
+            engine._inputs(chunk)
+        sync(device)
+        fill = (time.perf_counter() - start) / len(used)
+        times = []
+        for index in range(count):
+            began = time.perf_counter()
+            visit(engine, target, index, float(steps[index]), int(chunks[index]))
+            sync(device)
+            times.append(time.perf_counter() - began)
+        total_chunks = len(set(chunks.tolist()))
+        return {"sweep_s": fill * total_chunks + sum(times) / count * target.numel, "visits": count,
+                "whole": False}
+    finally:
+        engine.end_sweep()
+
+
+def measure(spec: dict, world=distributed.LOCAL) -> dict:
+    """One configuration (``spec['engine']``: fast, prefix-cache, reference, or ``cycle``: a whole fast cycle)."""
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    data = load_mnist(os.environ.get("RSO_DATA_DIR"), train_subset=spec["train_subset"], test_subset=1,
+                      download=False)
+    images, labels = data.train_images.to(device, dtype), data.train_labels.to(device)
+    model = build_model(spec["model"], torch.Generator().manual_seed(spec["seed"])).to(device, dtype)
+    targets = visit_order(model)
+    rows: dict[str, dict] = {}
+    if spec["engine"] in ("fast", "cycle"):   # compile (or load) the numba kernels before anything is timed
+        warm = copy.deepcopy(model)
+        few = 4 * world.size
+        for target in visit_order(warm):
+            sweep_sample(FastEngine(world=world), warm, target, images[:4 * few], labels[:4 * few], few, 0,
+                         device, 2, world)
+    started = time.perf_counter()
+    if spec["engine"] == "cycle":
+        generator = torch.Generator().manual_seed(spec["seed"])
+        engine = FastEngine(world=world)
+        for target in targets:
+            stats = run_sweep(model, target, images, labels, engine, sigma=target.sigma,
+                              batch_size=spec["batch_size"], sampler=gaussian_steps, generator=generator)
+            rows[target.name] = {"sweep_s": stats.seconds, "visits": stats.visits, "whole": True}
+        return {"rows": rows, "seconds": time.perf_counter() - started}
+    if spec["engine"] == "reference":
+        picks = sorted({round(i * (len(targets) - 1) / max(1, spec["reference_tensors"] - 1))
+                        for i in range(spec["reference_tensors"])})
+        for position in picks:
+            target = targets[position]
+            result = sweep_sample(ReferenceEngine(world), model, target, images, labels, spec["batch_size"],
+                                  spec["seed"] + position, device, spec["reference_visits"], world)
+            result["per_visit_s"] = result.pop("sweep_s") / target.numel
+            rows[target.name] = result
+        return {"rows": rows, "seconds": time.perf_counter() - started}
+    for position, target in enumerate(targets):
+        seed = spec["seed"] + position
+        if spec["engine"] == "prefix-cache":
+            rows[target.name] = prefix_sample(model, target, images, labels, spec["batch_size"], seed, device,
+                                              spec["prefix_visits"], world)
+        else:
+            n_chunks = len(labels) // spec["batch_size"]
+            size = per_channel(model, target)
+            count = max(n_chunks, size + min(size, n_chunks)) + spec["extra_visits"]
+            rows[target.name] = sweep_sample(FastEngine(world=world), model, target, images, labels,
+                                             spec["batch_size"], seed, device, count, world)
+        if world.is_main:
+            row = rows[target.name]
+            print(f"    {spec['label']:>22} {target.name:>10}: {row['sweep_s']:9.2f} s a sweep "
+                  f"({'whole' if row['whole'] else str(row['visits']) + ' visits sampled'})", flush=True)
+    return {"rows": rows, "seconds": time.perf_counter() - started}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+
+
+def _measure_worker(spec: dict, output: str) -> int:
+    """One rank of a configuration: measure, gather every rank's peak memory, rank 0 writes ``output``."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(spec["device"])
+    world = distributed.init_world(device) if size > 1 else distributed.LOCAL
+    try:
+        distributed.set_threads(spec["threads"])
+        result = measure(spec, world)
+        peaks = world.gather(torch.tensor([peak_memory_gb(device)]))[:, 0].tolist()
+        if world.is_main:
+            Path(output).write_text(json.dumps({**result, "peak_memory_gb": peaks}))
+    finally:
+        distributed.close_world(world)
+    return 0
+
+
+def run_configuration(spec: dict, workers: int) -> dict:
+    """``spec`` in ``workers`` fresh processes (so each peak memory is its own)."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "result.json"
+        status = distributed.launch(workers, _measure_worker, (spec, str(output)))
+        if status != 0 or not output.is_file():
+            raise SystemExit(f"error: the bench configuration {spec['label']} failed (exit status {status})")
+        return json.loads(output.read_text())
 
 
 def peak_rates(device: torch.device, dtype: torch.dtype) -> dict:
@@ -131,66 +267,77 @@ def peak_rates(device: torch.device, dtype: torch.dtype) -> dict:
                 "conv_gflops": best(lambda: F.conv2d(x, w, padding=1), 2 * 1000 * 28 * 28 * 16 * 16 * 9)}
 
 
-def forward_flops(model, images) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(images)
-    return counter.get_total_flops()
+def bench_case(name: str, batch_size: int, args, device: torch.device) -> dict:
+    base = {"model": name, "batch_size": batch_size, "device": str(device), "dtype": args.dtype, "seed": args.seed,
+            "train_subset": args.train_subset, "threads": args.threads, "extra_visits": args.extra_visits,
+            "prefix_visits": args.prefix_visits, "reference_visits": args.reference_visits,
+            "reference_tensors": args.reference_tensors}
+    n = args.workers
+    configurations = {"fast_1": ({**base, "engine": "fast", "label": "fast engine 1 worker"}, 1),
+                      f"fast_{n}": ({**base, "engine": "fast", "label": f"fast engine {n} workers"}, n),
+                      "prefix": ({**base, "engine": "prefix-cache", "label": "prefix-cache"}, 1),
+                      "reference": ({**base, "engine": "reference", "label": "reference"}, 1)}
+    if name in args.full_cycle:
+        configurations["cycle_1"] = ({**base, "engine": "cycle", "label": "fast 1 worker, full cycle"}, 1)
+        configurations[f"cycle_{n}"] = ({**base, "engine": "cycle", "label": f"fast {n} workers, full cycle"}, n)
+    results = {}
+    for key, (spec, workers) in configurations.items():
+        print(f"  {name} batch {batch_size}: {spec['label']}", flush=True)
+        results[key] = run_configuration(spec, workers)
+    model = build_model(name)
+    targets = visit_order(model)
+    weights = sum(target.numel for target in targets)
+    reference_rows = results["reference"]["rows"]
+    reference_per_visit = sum(row["per_visit_s"] * row["visits"] for row in reference_rows.values()) / \
+        sum(row["visits"] for row in reference_rows.values())
+    cycle = {key: sum(row["sweep_s"] for row in result["rows"].values())
+             for key, result in results.items() if key != "reference"}
+    cycle["reference"] = reference_per_visit * weights
+    case = {"model": name, "batch_size": batch_size, "workers": n, "weights_per_cycle": weights,
+            "tensors": [target.name for target in targets], "numel": {t.name: t.numel for t in targets},
+            "configurations": results, "cycle_s": cycle, "reference_per_visit_s": reference_per_visit,
+            "peak_memory_gb": {key: result["peak_memory_gb"] for key, result in results.items()}}
+    for key in ("cycle_1", f"cycle_{n}"):
+        if key in cycle:
+            projected = cycle["fast_" + key.split("_")[1]]
+            case.setdefault("projection_vs_measured", {})[key] = (projected - cycle[key]) / cycle[key]
+    return case
 
 
-def bench_case(name, batch_size, data, device, dtype, fast_visits, small_visits, reference_visits, reference_tensors,
-               seed):
-    torch.manual_seed(seed)
-    images = data.train_images.to(device, dtype)
-    labels = data.train_labels.to(device)
-    original = build_model(name, torch.Generator().manual_seed(seed)).to(device, dtype)
-    targets = visit_order(original)
-    names = [target.name for target in targets]
-    rows = {target.name: {"numel": target.numel} for target in targets}
-    # fast engine: every tensor
-    model = copy.deepcopy(original)
-    for position, target in enumerate(visit_order(model)):
-        visits = fast_visits if target.kind == "weight" else small_visits
-        per_visit, sweep, count, flops = measure_tensor(FastEngine(), model, target, images, labels, batch_size,
-                                                        visits, seed + position, device)
-        rows[target.name].update(fast_us=per_visit * 1e6, fast_sweep_s=sweep, fast_visits=count, fast_flops=flops)
-        print(f"  {name} {target.name:>12}: fast {per_visit * 1e6:12.1f} us/visit ({count} visits)", flush=True)
-    # reference engine: a few tensors, the mean for all
-    model = copy.deepcopy(original)
-    model_targets = visit_order(model)
-    picks = sorted({0, len(model_targets) - 1, *range(0, len(model_targets), max(1, len(model_targets) // reference_tensors))})
-    picks = picks[:reference_tensors]
-    samples = []
-    for position in picks:
-        target = model_targets[position]
-        per_visit, _, count, _ = measure_tensor(ReferenceEngine(), model, target, images, labels, batch_size,
-                                                reference_visits, seed + position, device)
-        rows[target.name].update(reference_us_measured=per_visit * 1e6, reference_visits=count)
-        samples.append((per_visit, count))
-        print(f"  {name} {target.name:>12}: reference {per_visit * 1e6:12.1f} us/visit ({count} visits)", flush=True)
-    reference_per_visit = sum(s * c for s, c in samples) / sum(c for _, c in samples)
-    reference_flops_per_visit = 3 * forward_flops(original, images[:batch_size])
-    for row in rows.values():
-        row["reference_us"] = reference_per_visit * 1e6
-        row["speedup"] = row["reference_us"] / row["fast_us"]
-    weights = sum(row["numel"] for row in rows.values())
-    fast_cycle = sum(row["fast_sweep_s"] for row in rows.values())
-    reference_cycle = reference_per_visit * weights
-    counted = [row for row in rows.values() if row["fast_flops"] is not None]
-    fast_flops_cycle = sum(row["fast_flops"] * row["numel"] for row in counted)
-    fast_seconds_counted = sum(row["fast_us"] * 1e-6 * row["numel"] for row in counted)
-    return {
-        "model": name, "batch_size": batch_size, "weights_per_cycle": weights, "tensors": names, "rows": rows,
-        "reference_cycle_s": reference_cycle, "fast_cycle_s": fast_cycle, "speedup": reference_cycle / fast_cycle,
-        "reference_gflops": reference_flops_per_visit / reference_per_visit / 1e9,
-        "fast_gflops": fast_flops_cycle / fast_seconds_counted / 1e9 if fast_seconds_counted else None,
-        "peak_memory_gb": peak_memory_gb(device),
-    }
+def table(case: dict) -> str:
+    n = case["workers"]
+    keys = [("fast_1", "fast 1w"), (f"fast_{n}", f"fast {n}w"), ("prefix", "prefix-cache")]
+    lines = [f"{case['model']} batch {case['batch_size']} ({case['weights_per_cycle']} weights a cycle): "
+             "seconds per sweep (* timed whole, else projected from a contiguous sample)"]
+    lines.append(f"  {'tensor':>10} {'numel':>6}" + "".join(f" {label:>14}" for _, label in keys))
+    for name in case["tensors"]:
+        cells = []
+        for key, _ in keys:
+            row = case["configurations"][key]["rows"][name]
+            cells.append(f"{row['sweep_s']:>13.2f}{'*' if row['whole'] else ' '}")
+        lines.append(f"  {name:>10} {case['numel'][name]:>6} " + " ".join(cells))
+    cycle = case["cycle_s"]
+    lines.append(f"  cycle: fast 1 worker {cycle['fast_1']:.1f} s, fast {n} workers {cycle[f'fast_{n}']:.1f} s, "
+                 f"prefix-cache {cycle['prefix']:.1f} s, reference {cycle['reference']:.0f} s "
+                 f"({case['reference_per_visit_s']:.3f} s a visit, sampled)")
+    for key, error in case.get("projection_vs_measured", {}).items():
+        workers = key.split("_")[1]
+        lines.append(f"  full cycle measured outright, fast {workers} worker(s): {cycle[key]:.1f} s; the projection "
+                     f"{cycle['fast_' + workers]:.1f} s is {100 * error:+.0f}% from it")
+    memory = ", ".join(f"{key} " + "/".join(f"{value:.2f}" for value in values)
+                       for key, values in case["peak_memory_gb"].items())
+    lines.append(f"  peak memory per worker (GB): {memory}")
+    return "\n".join(lines)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+def summary_lines(case: dict, device: torch.device) -> list[str]:
+    n, cycle = case["workers"], case["cycle_s"]
+    head = f"{case['model']} batch {case['batch_size']} {device.type}: fast engine"
+    return [f"{head} 1 worker {cycle['reference'] / cycle['fast_1']:.1f}x reference, "
+            f"{cycle['prefix'] / cycle['fast_1']:.1f}x prefix-cache",
+            f"{head} {n} workers {cycle['reference'] / cycle[f'fast_{n}']:.1f}x reference, "
+            f"{cycle['prefix'] / cycle[f'fast_{n}']:.1f}x prefix-cache, "
+            f"{cycle['fast_1'] / cycle[f'fast_{n}']:.1f}x one worker"]
 
 
 def machine(device: torch.device) -> dict:
@@ -202,14 +349,8 @@ def machine(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "device": str(device)}
-    try:
-        import numba
-        info.update(numba=numba.__version__, numba_threads=numba.get_num_threads())
-    except ImportError:
-        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -223,69 +364,68 @@ def commit() -> str:
         return "unknown"
 
 
-def table(results: list[dict]) -> str:
-    lines = []
-    for case in results:
-        lines.append(f"{case['model']} batch {case['batch_size']} ({case['weights_per_cycle']} weights a cycle)")
-        lines.append(f"  {'tensor':>12} {'numel':>6} {'reference us':>13} {'fast us':>11} {'speedup':>8} {'fast sweep s':>13}")
-        for name in case["tensors"]:
-            row = case["rows"][name]
-            lines.append(f"  {name:>12} {row['numel']:>6} {row['reference_us']:>13.0f} {row['fast_us']:>11.1f} "
-                         f"{row['speedup']:>8.1f} {row['fast_sweep_s']:>13.2f}")
-        fast_rate = f"{case['fast_gflops']:.1f}" if case["fast_gflops"] else "n/a"
-        lines.append(f"  cycle: reference {case['reference_cycle_s']:.0f} s, fast {case['fast_cycle_s']:.1f} s, "
-                     f"ratio {case['speedup']:.1f}x; peak memory {case['peak_memory_gb']:.2f} GB; "
-                     f"GFLOP/s reference {case['reference_gflops']:.1f}, fast {fast_rate}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m rso.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--fast-visits", type=int, default=12,
-                        help="visits timed per weight tensor (fast engine) after the first visit of each chunk "
-                             "in the first output channel")
-    parser.add_argument("--small-visits", type=int, default=3, help="visits per bias/BN tensor (fast engine)")
-    parser.add_argument("--reference-visits", type=int, default=2, help="visits per sampled tensor (reference)")
-    parser.add_argument("--reference-tensors", type=int, default=3, help="tensors the reference is sampled on")
+    parser.add_argument("--workers", type=int, default=2, help="workers of the multi-process fast engine (2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch/numba threads per worker (1)")
+    parser.add_argument("--extra-visits", type=int, default=8,
+                        help="fast engine: visits sampled after the first channel and the second one's moves (8)")
+    parser.add_argument("--prefix-visits", type=int, default=3, help="prefix-cache: visits timed per tensor (3)")
+    parser.add_argument("--reference-visits", type=int, default=2, help="reference: visits per sampled tensor (2)")
+    parser.add_argument("--reference-tensors", type=int, default=3, help="reference: tensors sampled (3)")
     parser.add_argument("--train-subset", type=int, default=None, help="training examples (default all 60000)")
+    parser.add_argument("--batch-size", type=int, default=None, help="one batch size for every model "
+                        "(default: paper6 5000, oneconv 512)")
     parser.add_argument("--models", default="paper6,oneconv", help="comma-separated subset of paper6,oneconv")
-    parser.add_argument("--output", default="results/bench", help="folder for bench.json and bench.txt")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: 6000 examples, few visits")
+    parser.add_argument("--full-cycle", default="oneconv",
+                        help="models whose whole fast-engine cycle is also measured outright (oneconv)")
+    parser.add_argument("--output", default=None, help=f"folder for bench.json and bench.txt ({DEFAULT_OUTPUT}; "
+                        "--quick: a scratch folder)")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 6000 examples, few visits, "
+                        "written to a scratch folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for both engines (default 1: on these shared 2-core machines one "
-                             "thread per process measured faster for both engines; use 2 on an idle machine)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.workers < 1 or args.threads < 1:
+        parser.error("--workers and --threads must be positive")
     if args.quick:
-        args.fast_visits, args.small_visits, args.reference_visits, args.reference_tensors = 4, 2, 1, 1
+        args.extra_visits, args.prefix_visits, args.reference_visits, args.reference_tensors = 2, 2, 1, 1
         args.train_subset = args.train_subset or 6000
+        if args.output is not None and Path(args.output).resolve() == Path(DEFAULT_OUTPUT).resolve():
+            parser.error(f"--quick never writes over the committed {DEFAULT_OUTPUT}")
+        args.output = args.output or tempfile.mkdtemp(prefix="rso-bench-quick-")
+    output = Path(args.output or DEFAULT_OUTPUT)
+    args.full_cycle = [name for name in args.full_cycle.split(",") if name]
+    distributed.set_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    data = load_mnist(os.environ.get("RSO_DATA_DIR"), train_subset=args.train_subset, test_subset=1)
     started = time.perf_counter()
+    load_start = os.getloadavg()
     rates = peak_rates(device, dtype)
-    print(f"machine: matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s", flush=True)
-    wanted = args.models.split(",")
-    results = [bench_case(name, batch, data, device, dtype, args.fast_visits, args.small_visits, args.reference_visits,
-                          args.reference_tensors, args.seed) for name, batch in CASES if name in wanted]
-    text = table(results)
-    print(text)
-    summary = [f"{case['model']} batch {case['batch_size']} {device.type}: fast engine {case['speedup']:.1f}x "
-               f"faster than reference per cycle" for case in results]
-    report = {"command": "python -m rso.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": commit(), "machine": machine(device), "dtype": args.dtype,
-              "train_examples": len(data.train_labels), "rates": rates, "results": results,
-              "summary": summary, "seconds": time.perf_counter() - started}
-    output = Path(args.output)
+    print(f"machine: matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s; "
+          f"load average {load_start[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    results = [bench_case(name, args.batch_size or batch, args, device) for name, batch in CASES
+               if name in args.models.split(",")]
+    load_end = os.getloadavg()
+    texts = [table(case) for case in results]
+    summary = [line for case in results for line in summary_lines(case, device)]
+    load = (f"load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end, on {os.cpu_count()} "
+            f"cores" + (" (a loaded machine: other jobs ran)" if max(load_start[0], load_end[0]) > 1.5 else ""))
+    command = "python -m rso.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"command": command.strip(), "commit": commit(), "machine": machine(device), "dtype": args.dtype,
+              "threads_per_worker": args.threads, "train_examples": args.train_subset or 60000, "rates": rates,
+              "load_average": {"start": load_start, "end": load_end}, "results": results, "summary": summary,
+              "seconds": time.perf_counter() - started}
     output.mkdir(parents=True, exist_ok=True)
     (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = "\n".join(texts)
+    print(text)
     (output / "bench.txt").write_text(
         f"# {report['command']} at commit {report['commit']}\n# {json.dumps(report['machine'])}\n"
-        f"# matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s\n"
-        + text + "\n" + "\n".join(summary) + "\n")
-    for line in reversed(summary):   # the paper6 line last
+        f"# matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s; {load}; "
+        f"{args.threads} thread(s) per worker\n" + text + "\n" + "\n".join(summary) + "\n")
+    print(f"# {load}; written to {output}")
+    for line in summary:
         print(line)
     return report
 

@@ -1,4 +1,4 @@
-"""`python -m rso.bench` end to end on a small slice: the table, the JSON and the final line (not its speed)."""
+"""`python -m rso.bench` end to end on a small slice: the table, the JSON and the final lines (not its speed)."""
 
 from __future__ import annotations
 
@@ -21,21 +21,38 @@ def restore_threads():
     torch.set_num_threads(saved)
 
 
+def test_projection_counts_every_visit_once():
+    # 10 visits, channels of 4, 2 chunks: fills 0-1, moves 4-5 and 8-9, the rest 2-3 and 6-7
+    assert [bench.visit_class(j, 4, 2) for j in range(10)] == ["fill"] * 2 + ["rest"] * 2 + ["move"] * 2 + \
+        ["rest"] * 2 + ["move"] * 2
+    times = [5.0, 5.0, 1.0, 1.0, 3.0]
+    assert bench.project(times, 10, 4, 2) == pytest.approx(2 * 5 + 4 * 1 + 4 * 3)
+    assert bench.project(times, 5, 4, 2) == sum(times)       # a sample that covers the tensor is the sweep
+
+
 def test_bench_quick_oneconv(tmp_path, monkeypatch, capsys):
     if not os.path.isdir(DATA_DIR):
         pytest.skip("MNIST not available")
     monkeypatch.setenv("RSO_DATA_DIR", os.path.abspath(DATA_DIR))
-    report = bench.main(["--quick", "--models", "oneconv", "--train-subset", "2048", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--output", "results/bench"])
+    assert "never writes over" in capsys.readouterr().err
+    report = bench.main(["--quick", "--models", "oneconv", "--train-subset", "1024", "--batch-size", "256",
+                         "--output", str(tmp_path)])
     (case,) = report["results"]
-    assert case["model"] == "oneconv" and case["weights_per_cycle"] == 7890
-    for name, row in case["rows"].items():
-        assert row["fast_us"] > 0 and row["fast_sweep_s"] > 0, name
-        # a sweep is its visits (plus the cache setup): never less than numel x the mean visit
-        assert row["fast_sweep_s"] >= row["fast_us"] * 1e-6 * row["numel"] * (1 - 1e-9), name
-    assert case["fast_cycle_s"] == pytest.approx(sum(row["fast_sweep_s"] for row in case["rows"].values()))
-    assert case["speedup"] == pytest.approx(case["reference_cycle_s"] / case["fast_cycle_s"])
+    assert case["model"] == "oneconv" and case["weights_per_cycle"] == 7890 and case["workers"] == 2
+    for key in ("fast_1", "fast_2", "prefix", "cycle_1", "cycle_2"):
+        rows = case["configurations"][key]["rows"]
+        assert set(rows) == set(case["tensors"]) and all(row["sweep_s"] > 0 for row in rows.values()), key
+        assert case["cycle_s"][key] == pytest.approx(sum(row["sweep_s"] for row in rows.values()))
+    assert all(row["whole"] for row in case["configurations"]["cycle_2"]["rows"].values())
+    assert len(case["peak_memory_gb"]["fast_2"]) == 2 and len(case["peak_memory_gb"]["fast_1"]) == 1
+    error = case["projection_vs_measured"]["cycle_1"]
+    assert error == pytest.approx((case["cycle_s"]["fast_1"] - case["cycle_s"]["cycle_1"]) / case["cycle_s"]["cycle_1"])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["summary"] == report["summary"]
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("oneconv batch 512 cpu: fast engine ") and last.endswith("x faster than reference per cycle")
-    assert "tensor" in (tmp_path / "bench.txt").read_text()
+    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert last[0].startswith("oneconv batch 256 cpu: fast engine 1 worker ") and "x prefix-cache" in last[0]
+    assert last[1].startswith("oneconv batch 256 cpu: fast engine 2 workers ") and last[1].endswith("x one worker")
+    text = (tmp_path / "bench.txt").read_text()
+    assert "load average" in text and "full cycle measured outright" in text
