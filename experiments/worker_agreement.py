@@ -34,7 +34,8 @@ def cycle_choices(spec: dict, world=distributed.LOCAL) -> list[int]:
                       download=False)
     dtype = getattr(torch, spec["dtype"])
     images, labels = data.train_images.to(dtype), data.train_labels
-    model = build_model(spec["model"], torch.Generator().manual_seed(spec["seed"])).to(dtype)
+    model = build_model(spec["model"], torch.Generator().manual_seed(spec["seed"]), depth=spec["depth"],
+                        channels=spec["channels"]).to(dtype)
     generator = torch.Generator().manual_seed(spec["seed"] + 1)
     choices: list[int] = []
     for target in visit_order(model):
@@ -70,13 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.worker_agreement", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="paper6")
     parser.add_argument("--engine", default="fast")
+    parser.add_argument("--depth", type=int, default=6, help="convnet: conv layers (6)")
+    parser.add_argument("--channels", type=int, default=16, help="convnet: channels (16)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--train-subset", type=int, default=4000)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    spec = {"model": args.model, "engine": args.engine, "batch_size": args.batch_size,
+    spec = {"model": args.model, "engine": args.engine, "depth": args.depth, "channels": args.channels, "batch_size": args.batch_size,
             "train_subset": args.train_subset, "dtype": args.dtype, "seed": args.seed}
     runs = {}
     with tempfile.TemporaryDirectory() as folder:
