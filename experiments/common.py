@@ -110,10 +110,10 @@ class Result:
 _DATA_CACHE: dict[tuple, MNIST] = {}
 
 
-def mnist(train_subset: int | None, test_subset: int | None) -> MNIST:
-    key = (train_subset, test_subset)
+def mnist(train_subset: int | None, test_subset: int | None, transform: str = "standardize") -> MNIST:
+    key = (train_subset, test_subset, transform)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_mnist(None, train_subset, test_subset)
+        _DATA_CACHE[key] = load_mnist(None, train_subset, test_subset, transform=transform)
     return _DATA_CACHE[key]
 
 
@@ -170,7 +170,7 @@ def run_all(runs: list[Run], args: argparse.Namespace, seed_list: list[int] | No
                              train_subset=run.config.train_subset or args.train_subset,
                              test_subset=run.config.test_subset or args.test_subset)
             warm_up(config)
-            data = mnist(config.train_subset, config.test_subset)
+            data = mnist(config.train_subset, config.test_subset, config.resolved_input_transform())
             print(f"[{len(results) + 1}/{total}] {run.label} seed {seed}: {config.optimizer} on {config.model}, "
                   f"batch {config.batch_size}, " + (f"{config.cycles} cycles" if config.optimizer == "rso"
                                                     else f"{config.epochs} epochs") + f", {len(data.train_labels)} train examples",

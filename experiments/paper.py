@@ -1,10 +1,11 @@
-"""The paper's MNIST configuration (paper6, batch 5000, annealed over 50 cycles), resumable, with the test
-accuracy after every cycle, so the "98% after 5 cycles" claim can be checked.
+"""The authors' MNIST configuration (paper6, batch 5000, annealed over 50 cycles, weight decay 1e-4, BN below the
+searched layer fixed from 2000 images, centered inputs: ``rso.config.PRESETS["authors"]``), resumable, with the
+test accuracy after every cycle, so the "98% after 5 cycles" claim can be checked.
 
-    python -m experiments.paper                        # start, or continue, runs/experiments/paper/paper6-batch5000-seed0
+    python -m experiments.paper                        # start, or continue, runs/experiments/paper/paper6-authors-batch5000-seed0
     python -m experiments.paper --max-minutes 60       # stop after 60 minutes of training (summed over resumes)
     python -m experiments.paper --harvest              # no training: write the results of what the run has reached
-    python -m experiments.paper --quick                # a tiny convnet on data slices, interrupted and resumed
+    python -m experiments.paper --quick                # a tiny net of the authors' pattern on data slices, interrupted and resumed
 
 Re-running the command continues from the last checkpoint (saved after every layer sweep); ``--cycles`` and
 ``--max-minutes`` may change between sessions. The annealing schedule depends on ``--cycles``, so the
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from experiments import common
 from rso.checkpoint import load_checkpoint
-from rso.config import TrainConfig
+from rso.config import PRESETS, TrainConfig
 from rso.evaluate import evaluate_checkpoint as evaluate_saved_weights
 from rso.models import build_model, count_weights
 from rso.search.visit import visit_order
@@ -30,19 +31,21 @@ PAPER_CLAIMS = "paper: 98% after 5 cycles; 99.12% after 50 cycles (SGD 99.27% af
 
 def paper_config(args) -> tuple[TrainConfig, dict]:
     """The config and the resumable overrides (what a continued run takes from this invocation)."""
+    authors = {**PRESETS["authors"], "preset": "authors"}
+    if args.weight_decay is not None:
+        authors["weight_decay"] = args.weight_decay
     if args.quick:
-        config = TrainConfig(model="convnet", depth=1, channels=2, batch_size=200, cycles=args.cycles or 2,
-                             train_subset=args.train_subset or 1000, test_subset=args.test_subset or 500,
-                             bn_samples=1000)
+        config = TrainConfig(**{**authors, "model": "authors-convnet", "depth": 2, "channels": 2, "batch_size": 200,
+                                "cycles": args.cycles or 2, "train_subset": args.train_subset or 1000,
+                                "test_subset": args.test_subset or 500, "bn_samples": 1000, "search_bn_images": 500})
     else:
-        config = TrainConfig(model="paper6", batch_size=5000, cycles=args.cycles or 50,
-                             train_subset=args.train_subset, test_subset=args.test_subset)
-    name = args.name or f"{config.model}-batch{config.batch_size}-seed{args.seed}"
+        config = TrainConfig(**{**authors, "cycles": args.cycles or authors["cycles"],
+                                "train_subset": args.train_subset, "test_subset": args.test_subset})
+    name = args.name or f"{config.model}-authors-batch{config.batch_size}-seed{args.seed}"
     overrides = dict(cycles=config.cycles, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
                      eval_every=args.eval_every, engine=args.engine, threads=args.threads, progress=args.progress,
                      name=name, run_dir=args.run_dir, resume_if_exists=True)
-    config = TrainConfig(**{**config.to_dict(), "seed": args.seed, "weight_decay": args.weight_decay,
-                            "widths": tuple(config.widths), **overrides})
+    config = TrainConfig(**{**config.to_dict(), "seed": args.seed, "widths": tuple(config.widths), **overrides})
     given = {key: value for key, value in overrides.items() if value is not None}
     return config, given
 
@@ -74,7 +77,7 @@ def evaluate_checkpoint(state: dict, config: TrainConfig) -> dict | None:
     history = progress["history"]
     if progress["visits"] == 0 or (history and history[-1]["step"] == progress["visits"]):
         return None
-    data = common.mnist(config.train_subset, config.test_subset)
+    data = common.mnist(config.train_subset, config.test_subset, config.resolved_input_transform())
     # a checkpoint saved between evaluations has stale BN statistics: rso.evaluate recomputes them
     result = evaluate_saved_weights({**state, "bn_statistics_step": None}, data, config.bn_samples)
     accuracy, test_loss = result["test_accuracy"], result["test_loss"]
@@ -100,7 +103,9 @@ def report(out: Path, config: TrainConfig, state: dict, record_args, argv, statu
                                            for e in history])
     complete = sum(row["complete_cycle"] for row in rows)
     what = (f"{config.model}, batch {config.batch_size}, annealing schedule over {config.cycles} cycles, seed {config.seed}, "
-            f"weight decay {config.weight_decay:g}; {complete} complete cycle(s) ran "
+            f"weight decay {config.weight_decay:g}, inputs {config.resolved_input_transform()}, BN during the search "
+            f"{config.search_bn}" + (f" ({config.search_bn_images} images)" if config.search_bn == "fixed-below" else "")
+            + f"; {complete} complete cycle(s) ran "
             f"({progress['visits']} weight visits, {progress['seconds']:.0f} s of training); {status}; "
             f"{common.data_description(config, record_args)}")
     record = common.provenance(record_args, argv, what)
@@ -130,7 +135,7 @@ def report(out: Path, config: TrainConfig, state: dict, record_args, argv, statu
         common.footer(figure, record)
         common.save(figure, out / "accuracy_per_cycle.png")
         summary += "\n![accuracy per cycle](accuracy_per_cycle.png)\n"
-    common.write_outputs(out, "The paper's configuration: paper6, batch 5000", record, summary)
+    common.write_outputs(out, f"The authors' configuration: {config.model}, batch {config.batch_size}", record, summary)
     return rows
 
 
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much training (summed over resumes)")
     parser.add_argument("--eval-every", choices=["sweep", "cycle"], default="cycle",
                         help="evaluate after every cycle (default) or every layer sweep")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="RSO weight decay (the authors' code: 1e-4)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="RSO weight decay (default 1e-4, the authors' code)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="run name under --run-dir (default <model>-batch<b>-seed<s>)")
     parser.add_argument("--harvest", action="store_true", help="do not train: report what the run's checkpoint holds")
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         report(out, saved, state, args, argv, f"harvested from {checkpoint} with {done} cycle(s) done")
         return 0
     print(f"{'continuing' if checkpoint.is_file() else 'starting'} {checkpoint.parent}", flush=True)
-    data = common.mnist(config.train_subset, config.test_subset)
+    data = common.mnist(config.train_subset, config.test_subset, config.resolved_input_transform())
     metrics = train(config, given=given, data=data)
     state = load_checkpoint(checkpoint)
     saved = TrainConfig.from_dict(state["config"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rso.checkpoint import CheckpointError, load_checkpoint
+from rso.checkpoint import CheckpointError, input_transform_of, load_checkpoint
 from rso.data import DataError, load_mnist
 from rso.evaluate import evaluate_checkpoint
 from rso.train import exit_status
@@ -29,7 +29,8 @@ def record(run: Path, out: Path, data_dir: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         shutil.copy(run / name, out / name)
-    result = evaluate_checkpoint(load_checkpoint(run), load_mnist(data_dir))
+    state = load_checkpoint(run)
+    result = evaluate_checkpoint(state, load_mnist(data_dir, transform=input_transform_of(state)))
     final = json.loads((run / "final.json").read_text())
     accuracy = result["test_accuracy"]
     check = {"checkpoint": str(run / "checkpoint.pt"), "independent_test_accuracy": accuracy,

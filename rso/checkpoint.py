@@ -52,6 +52,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def input_transform_of(state: dict) -> str:
+    """The input transform (a key of ``rso.data.INPUT_TRANSFORMS``) the checkpoint's run trained with."""
+    from rso.config import TrainConfig
+
+    return TrainConfig.from_dict(state["config"]).resolved_input_transform()
+
+
 def model_from_checkpoint(state: dict) -> nn.Module:
     """Rebuild the model a checkpoint was trained with and load its weights (and BN statistics)."""
     from rso.config import TrainConfig

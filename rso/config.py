@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, fields
 
+from rso.data.mnist import INPUT_TRANSFORMS
+from rso.engines.base import SEARCH_BN_MODES
+from rso.models import INPUT_TRANSFORMS as MODEL_INPUT_TRANSFORMS
 from rso.models import MODELS
 from rso.search.candidates import SAMPLERS
 from rso.search.loop import CHUNKINGS
@@ -12,6 +15,13 @@ from rso.search.visit import ORDERS
 
 OPTIMIZERS = {"rso": "random search optimization (gradient-free)",
               "sgd": "backprop, SGD with momentum", "adam": "backprop, Adam"}
+# Named sets of flags (explicit flags override them). "authors": the configuration of the authors' public code
+# (rohun-tripathi/RSO-gradient-free, train.py) for MNIST; `make mnist-rso-paper` runs it.
+PRESETS = {
+    "authors": dict(model="paper6", input_transform="center", batch_size=5000, cycles=50, weight_decay=1e-4,
+                    search_bn="fixed-below", search_bn_images=2000, final_sigma_fraction=0.1, bn_sigma=0.167,
+                    order="output-first", chunking="per-visit", sampler="gaussian", anneal=True),
+}
 # Flags a resumed run may change; everything else comes from its checkpoint.
 RESUMABLE_OVERRIDES = {"cycles", "epochs", "device", "progress", "run_dir", "data_dir", "download", "eval_every",
                        "max_seconds", "threads", "resume", "resume_if_exists", "name", "engine", "workers"}
@@ -28,6 +38,7 @@ class TrainConfig:
     # data
     data_dir: str | None = None
     download: bool = True                  # fetch MNIST when missing and the network allows
+    input_transform: str = "auto"          # rso.data.INPUT_TRANSFORMS key; auto: the model's (resolved when a run starts)
     train_subset: int | None = None
     test_subset: int | None = None
     batch_size: int = 1000
@@ -40,6 +51,8 @@ class TrainConfig:
     sampler: str = "gaussian"
     order: str = "output-first"
     chunking: str = "per-visit"
+    search_bn: str = "chunk"               # rso.engines.SEARCH_BN_MODES: BN statistics below the searched layer
+    search_bn_images: int = 2000           # fixed-below: the first N training images give the fixed statistics
     engine: str = "auto"
     suffix_precision: str | None = None    # fast engine: "bfloat16" recomputes the suffix in bf16 (inexact)
     # backprop
@@ -63,6 +76,7 @@ class TrainConfig:
     resume: str | None = None
     resume_if_exists: bool = False
     progress: bool = True
+    preset: str | None = None              # the PRESETS entry the run started from (its values are in the fields)
 
     def validate(self, n_train: int | None = None) -> None:
         """Raise ValueError naming the bad field; ``n_train`` checks the batch size against the data."""
@@ -80,6 +94,11 @@ class TrainConfig:
             (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"),
             (self.order in ORDERS, f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}"),
             (self.chunking in CHUNKINGS, f"unknown chunking {self.chunking!r}; choose one of {', '.join(CHUNKINGS)}"),
+            (self.input_transform == "auto" or self.input_transform in INPUT_TRANSFORMS,
+             f"unknown input transform {self.input_transform!r}; choose auto or one of {', '.join(INPUT_TRANSFORMS)}"),
+            (self.search_bn in SEARCH_BN_MODES, f"unknown search BN mode {self.search_bn!r}; choose one of {', '.join(SEARCH_BN_MODES)}"),
+            (self.search_bn_images >= 1, f"search BN images must be positive, got {self.search_bn_images}"),
+            (self.preset is None or self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"unknown device {self.device!r}"),
             (self.eval_every in ("sweep", "cycle"), f"eval-every must be sweep or cycle, got {self.eval_every!r}"),
@@ -102,6 +121,10 @@ class TrainConfig:
                 raise ValueError(message)
         if n_train is not None and self.batch_size > n_train:
             raise ValueError(f"batch size {self.batch_size} is larger than the training set ({n_train} examples)")
+
+    def resolved_input_transform(self) -> str:
+        """The input transform the run uses: the given one, or the model's own for ``auto``."""
+        return MODEL_INPUT_TRANSFORMS.get(self.model, "standardize") if self.input_transform == "auto" else self.input_transform
 
     def model_options(self) -> dict:
         return {"widths": tuple(self.widths), "depth": self.depth, "channels": self.channels}
@@ -147,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rso.train", argument_default=argparse.SUPPRESS,
         description="Train a network on MNIST by RSO (gradient-free) or by backprop (SGD/Adam baseline).")
     group = parser.add_argument_group("model and optimizer")
+    group.add_argument("--preset", choices=list(PRESETS),
+                       help="start from a named configuration; explicit flags override it. authors: "
+                            + ", ".join(f"{key}={value}" for key, value in PRESETS["authors"].items()))
     group.add_argument("--model", choices=list(MODELS), help=f"model from the registry (default {defaults.model})")
     group.add_argument("--widths", type=_widths, help="mlp hidden widths, e.g. 256,128 (default 128)")
     group.add_argument("--depth", type=int, help="convnet: number of conv layers 1..6 (default 6)")
@@ -158,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-subset", dest="train_subset", type=_positive_int, help="use the first N training examples")
     group.add_argument("--test-subset", dest="test_subset", type=_positive_int, help="use the first N test examples")
     group.add_argument("--batch-size", dest="batch_size", type=int, help=f"mini-batch (RSO chunk) size (default {defaults.batch_size})")
+    group.add_argument("--input-transform", dest="input_transform", choices=["auto", *INPUT_TRANSFORMS],
+                       help="standardize (mean/std, Algorithm 1) or center (/255 minus the training mean, the "
+                            "authors' code); default auto: the model's (center for paper6)")
     group = parser.add_argument_group("RSO")
     group.add_argument("--cycles", type=int, help=f"RSO cycles over all weights (default {defaults.cycles})")
     group.add_argument("--no-anneal", dest="anneal", action="store_false", help="keep sigma constant")
@@ -167,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sampler", choices=list(SAMPLERS), help="distribution of dw (default gaussian)")
     group.add_argument("--order", choices=list(ORDERS), help="layer visiting order (default output-first)")
     group.add_argument("--chunking", choices=list(CHUNKINGS), help="a fresh chunk per weight visit (default) or one chunk per sweep")
+    group.add_argument("--search-bn", dest="search_bn", choices=list(SEARCH_BN_MODES),
+                       help="BN statistics during the search: chunk (default: every BN uses the scored chunk's) or "
+                            "fixed-below (BN below the searched layer uses statistics fixed before each sweep from "
+                            "the first --search-bn-images training images, as the authors' code does)")
+    group.add_argument("--search-bn-images", dest="search_bn_images", type=_positive_int,
+                       help="fixed-below: training images the fixed statistics come from (default 2000)")
     group.add_argument("--engine", help="candidate scoring engine: auto, reference, fast, prefix-cache (default auto)")
     group.add_argument("--suffix-precision", dest="suffix_precision", choices=["bfloat16"],
                        help="fast engine only: recompute the layers after the next one in bf16; faster where "
@@ -204,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict, argpar
     """Parse flags into a config; also return the flags the user actually gave (for resuming)."""
     parser = build_parser()
     given = vars(parser.parse_args(argv))
+    if "preset" in given:
+        given = {**PRESETS[given["preset"]], **given}
     config = TrainConfig(**given)
     try:
         config.validate()

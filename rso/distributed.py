@@ -137,16 +137,18 @@ class World:
         return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
 
     @contextlib.contextmanager
-    def batch_statistics(self, model: nn.Module) -> Iterator[None]:
+    def batch_statistics(self, model: nn.Module, fixed: dict | None = None) -> Iterator[None]:
         """``rso.engines.base.batch_statistics`` (BN on batch statistics, running statistics untouched), with
-        every BN layer of ``model`` normalizing by the whole chunk's statistics when there are several ranks."""
+        every BN layer of ``model`` normalizing by the whole chunk's statistics when there are several ranks.
+        The BN layers in ``fixed`` normalize with the statistics given there (the same on every rank)."""
         from rso.engines.base import batch_statistics
 
-        with batch_statistics(model):
+        fixed = fixed or {}
+        with batch_statistics(model, fixed):
             if self.size == 1:
                 yield
                 return
-            patched = [module for module in model.modules() if isinstance(module, BATCHNORMS)]
+            patched = [module for module in model.modules() if isinstance(module, BATCHNORMS) and module not in fixed]
             try:
                 for module in patched:
                     module.forward = (lambda x, module=module:

@@ -72,8 +72,12 @@ def evaluate_checkpoint(state: dict, data, bn_samples: int | None = None) -> dic
     Where the checkpoint's BN statistics are stale (see :func:`bn_statistics_current`) they are recomputed
     first, from the first ``bn_samples`` training examples (all of them when None).
     """
-    from rso.checkpoint import model_from_checkpoint
+    from rso.checkpoint import input_transform_of, model_from_checkpoint
 
+    expected = input_transform_of(state)
+    if getattr(data, "transform", "standardize") != expected:
+        raise ValueError(f"the checkpoint's model takes inputs transformed by {expected!r}, but the data was "
+                         f"loaded with {data.transform!r}")
     model = model_from_checkpoint(state)
     dtype = next(model.parameters()).dtype
     has_batchnorm = any(isinstance(module, BATCHNORMS) for module in model.modules())
@@ -87,7 +91,7 @@ def evaluate_checkpoint(state: dict, data, bn_samples: int | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rso.checkpoint import CheckpointError, load_checkpoint
+    from rso.checkpoint import CheckpointError, input_transform_of, load_checkpoint
     from rso.data import DataError, load_mnist
 
     parser = argparse.ArgumentParser(prog="python -m rso.evaluate",
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         state = load_checkpoint(args.checkpoint)
-        data = load_mnist(args.data_dir, test_subset=args.test_subset, download=False)
+        data = load_mnist(args.data_dir, test_subset=args.test_subset, download=False,
+                          transform=input_transform_of(state))
         result = evaluate_checkpoint(state, data, args.bn_samples)
     except (CheckpointError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -108,6 +108,8 @@ class Trainer:
                  data: MNIST | None = None, world: distributed.World = distributed.LOCAL):
         given = given or {}
         config, state, folder = resolve_resume(config, given)
+        if config.input_transform == "auto":   # the run records the transform it used, not "auto"
+            config = TrainConfig.from_dict({**config.to_dict(), "input_transform": config.resolved_input_transform()})
         self.config = config
         self.world = world
         if world.size > 1:
@@ -120,7 +122,11 @@ class Trainer:
         self.device = world.device if world.device.type == "cuda" else select_device(config.device)
         self.dtype = getattr(torch, config.dtype)
         if data is None:
-            data = load_mnist(config.data_dir, config.train_subset, config.test_subset, download=config.download)
+            data = load_mnist(config.data_dir, config.train_subset, config.test_subset, download=config.download,
+                              transform=config.input_transform)
+        elif data.transform != config.input_transform:
+            raise ConfigError(f"the data given was loaded with the {data.transform!r} input transform, but this run "
+                              f"uses {config.input_transform!r}")
         try:
             config.validate(n_train=len(data.train_labels))
         except ValueError as error:
@@ -245,10 +251,16 @@ class Trainer:
                              + (f", suffix in {config.suffix_precision}: decisions may differ from exact scoring"
                                 if config.suffix_precision else ""))
         targets = visit_order(self.model, config.order, config.bn_sigma)
+        # the authors' BN handling: the layers below the searched one normalize with these images' statistics
+        fixed_bn_images = (self.data.train_images[:config.search_bn_images] if config.search_bn == "fixed-below"
+                           else None)
         sampler = get_sampler(config.sampler)
         per_cycle = sum(target.numel for target in targets)
         self.logger.line(f"RSO on {config.model}: {per_cycle} weights a cycle in {len(targets)} tensors, "
-                         f"{config.cycles} cycles, batch {config.batch_size}, device {self.device}, {config.dtype}")
+                         f"{config.cycles} cycles, batch {config.batch_size}, device {self.device}, {config.dtype}, "
+                         f"inputs {config.input_transform}, weight decay {config.weight_decay:g}, BN during the "
+                         f"search: {config.search_bn}"
+                         + (f" ({config.search_bn_images} images)" if config.search_bn == "fixed-below" else ""))
         if self.world.size > 1:
             self.logger.line(f"{self.world.size} workers ({'NCCL' if self.device.type == 'cuda' else 'gloo'}), "
                              f"each scoring {config.batch_size // self.world.size} or "
@@ -272,7 +284,8 @@ class Trainer:
                     stats = run_sweep(self.model, target, self.data.train_images, self.data.train_labels, engine,
                                       sigma=sigma, batch_size=config.batch_size, sampler=sampler,
                                       generator=self.generator, weight_decay=config.weight_decay,
-                                      chunking=config.chunking, progress=on_progress)
+                                      chunking=config.chunking, progress=on_progress,
+                                      fixed_bn_images=fixed_bn_images)
                     progress.visits += stats.visits
                     progress.accepted += stats.accepted
                     progress.forward_samples += stats.forward_samples

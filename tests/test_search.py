@@ -64,17 +64,17 @@ def test_samplers_have_the_right_scale():
 def test_paper6_visits_dense_then_each_conv_with_its_beta_and_gamma():
     model = build_model("paper6")
     order = [(t.name, t.kind) for t in visit_order(model)]
-    assert order[0] == ("22.weight", "weight")
+    assert order[0] == ("21.weight", "weight")
     assert order[1:4] == [("17.weight", "weight"), ("18.bias", "bn_beta"), ("18.weight", "bn_gamma")]
     assert order[-3:] == [("0.weight", "weight"), ("1.bias", "bn_beta"), ("1.weight", "bn_gamma")]
     assert len(order) == 1 + 6 * 3
     reverse = visit_order(model, order="input-first")
-    assert reverse[0].name == "0.weight" and reverse[-1].name == "22.weight"
+    assert reverse[0].name == "0.weight" and reverse[-1].name == "21.weight"
 
 
 def test_sigmas_are_he_std_and_fixed_for_batchnorm():
     targets = {t.name: t for t in visit_order(build_model("paper6"))}
-    assert targets["22.weight"].sigma == pytest.approx(math.sqrt(2 / 16))
+    assert targets["21.weight"].sigma == pytest.approx(math.sqrt(2 / 16))
     assert targets["0.weight"].sigma == pytest.approx(math.sqrt(2 / 9))
     assert targets["3.weight"].sigma == pytest.approx(math.sqrt(2 / 144))
     assert targets["1.weight"].sigma == 0.167

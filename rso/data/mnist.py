@@ -28,6 +28,11 @@ FILES = {
 # The standard normalization constants of MNIST (mean and std of the training pixels scaled to [0, 1]).
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+# name -> what it does to the uint8 pixels; the model registry says which one each model takes by default
+INPUT_TRANSFORMS = {
+    "standardize": "pixels / 255, minus the MNIST mean 0.1307, divided by the MNIST std 0.3081 (Algorithm 1)",
+    "center": "pixels / 255 minus the mean of all training pixels, no division by the std (the authors' code)",
+}
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -41,12 +46,14 @@ class DataError(RuntimeError):
 
 @dataclass
 class MNIST:
-    """The data set as tensors in memory: normalized float images (N, 1, 28, 28) and int64 labels."""
+    """The data set as tensors in memory: normalized float images (N, 1, 28, 28), int64 labels, and the name
+    of the input transform that produced the images (a key of :data:`INPUT_TRANSFORMS`)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    transform: str = "standardize"
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "MNIST":
         return MNIST(
@@ -54,6 +61,7 @@ class MNIST:
             self.train_labels.to(device),
             self.test_images.to(device=device, dtype=dtype or self.test_images.dtype),
             self.test_labels.to(device),
+            self.transform,
         )
 
 
@@ -154,16 +162,31 @@ def _missing_message(raw: Path, missing: list[str], reason: str) -> str:
             f"Expected the four IDX files {names}; set --data-dir or RSO_DATA_DIR to the folder holding MNIST/raw/")
 
 
-def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32, scaled to [0, 1] then standardized with the MNIST mean and std."""
+def normalize(images: np.ndarray | torch.Tensor, transform: str = "standardize",
+              train_mean: float | None = None) -> torch.Tensor:
+    """uint8 pixels -> float32 scaled to [0, 1], then ``transform`` (see :data:`INPUT_TRANSFORMS`);
+    ``center`` subtracts ``train_mean``, the mean of the training pixels scaled to [0, 1]."""
+    if transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"unknown input transform {transform!r}; choose one of {', '.join(INPUT_TRANSFORMS)}")
     if not isinstance(images, torch.Tensor):
         images = torch.from_numpy(np.array(images, dtype=np.uint8))  # a copy: the IDX buffer is read-only
-    return (images.to(torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    scaled = images.to(torch.float32) / 255.0
+    if transform == "center":
+        if train_mean is None:
+            raise ValueError("the center transform needs the training mean")
+        return scaled - train_mean
+    return (scaled - MNIST_MEAN) / MNIST_STD
 
 
 def load_mnist(data_dir: str | os.PathLike | None = None, train_subset: int | None = None,
-               test_subset: int | None = None, download: bool = True) -> MNIST:
-    """Load MNIST as normalized tensors; download when missing and ``download`` is set and the network allows."""
+               test_subset: int | None = None, download: bool = True, transform: str = "standardize") -> MNIST:
+    """Load MNIST as normalized tensors; download when missing and ``download`` is set and the network allows.
+
+    ``transform``: a key of :data:`INPUT_TRANSFORMS`. ``center`` subtracts the mean over all 60,000 training
+    images, whatever ``train_subset`` is (as the authors' code does, computed here in float64).
+    """
+    if transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"unknown input transform {transform!r}; choose one of {', '.join(INPUT_TRANSFORMS)}")
     data_dir = resolve_data_dir(data_dir)
     raw = raw_folder(data_dir)
     missing = [stem for stem in FILES if _find(raw, stem) is None]
@@ -184,11 +207,13 @@ def load_mnist(data_dir: str | os.PathLike | None = None, train_subset: int | No
             raise DataError(f"{_find(raw, stem)}: label {int(labels.max())} out of range 0..9")
     train_n = _check_subset("train_subset", train_subset, 60000)
     test_n = _check_subset("test_subset", test_subset, 10000)
+    train_mean = float(arrays["train-images-idx3-ubyte"].mean(dtype=np.float64) / 255.0) if transform == "center" else None
     return MNIST(
-        train_images=normalize(arrays["train-images-idx3-ubyte"][:train_n]).unsqueeze(1),
+        train_images=normalize(arrays["train-images-idx3-ubyte"][:train_n], transform, train_mean).unsqueeze(1),
         train_labels=torch.from_numpy(arrays["train-labels-idx1-ubyte"][:train_n].astype(np.int64)),
-        test_images=normalize(arrays["t10k-images-idx3-ubyte"][:test_n]).unsqueeze(1),
+        test_images=normalize(arrays["t10k-images-idx3-ubyte"][:test_n], transform, train_mean).unsqueeze(1),
         test_labels=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"][:test_n].astype(np.int64)),
+        transform=transform,
     )
 
 

@@ -7,7 +7,8 @@ from typing import Callable
 
 from torch import nn
 
-from rso.engines.base import ChunkPartition, ScoringEngine, batch_statistics, summed_cross_entropy
+from rso.engines.base import (SEARCH_BN_MODES, ChunkPartition, FixedStatistics, ScoringEngine, batch_statistics,
+                              fixed_statistics, summed_cross_entropy)
 from rso.engines.fast import FastEngine
 from rso.engines.prefix import PrefixCacheEngine
 from rso.engines.reference import ReferenceEngine
@@ -35,5 +36,5 @@ def make_engine(name: str, model: nn.Module | None = None, **options) -> Scoring
     return factory(**given)
 
 
-__all__ = ["ENGINES", "ChunkPartition", "FastEngine", "PrefixCacheEngine", "ReferenceEngine", "ScoringEngine", "batch_statistics", "make_engine",
-           "summed_cross_entropy"]
+__all__ = ["ENGINES", "SEARCH_BN_MODES", "ChunkPartition", "FastEngine", "FixedStatistics", "PrefixCacheEngine",
+           "ReferenceEngine", "ScoringEngine", "batch_statistics", "fixed_statistics", "make_engine", "summed_cross_entropy"]

@@ -40,23 +40,68 @@ class ChunkPartition:
         return self.world.share(self.rows(chunk))
 
 
+# BN layer -> (mean, biased variance) it normalizes with instead of its batch's statistics
+FixedStatistics = dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
+SEARCH_BN_MODES = {
+    "chunk": "every BN layer normalizes with the statistics of the scored chunk",
+    "fixed-below": "BN layers below the searched tensor normalize with statistics fixed before each sweep from the "
+                   "first N training images (inference mode, the authors' code); the searched layer and above "
+                   "with the chunk's",
+}
+
+
 @contextlib.contextmanager
-def batch_statistics(model: nn.Module) -> Iterator[None]:
+def batch_statistics(model: nn.Module, fixed: FixedStatistics | None = None) -> Iterator[None]:
     """BN layers normalize with the current batch's statistics and update no running statistics.
 
-    Rejected candidates must leave no trace in the model, so scoring never touches running_mean/var.
+    Rejected candidates must leave no trace in the model, so scoring never touches running_mean/var. The BN
+    layers in ``fixed`` normalize with the given statistics instead (see :func:`fixed_statistics`); their own
+    running statistics are put back on exit.
     """
-    saved = [(module, module.training, module.track_running_stats)
+    fixed = fixed or {}
+    saved = [(module, module.training, module.track_running_stats, module.running_mean, module.running_var)
              for module in model.modules() if isinstance(module, BATCHNORMS)]
     try:
-        for module, _, _ in saved:
-            module.train()
-            module.track_running_stats = False
+        for module, *_ in saved:
+            if module in fixed:
+                module.eval()
+                module.track_running_stats = True
+                module.running_mean, module.running_var = fixed[module]
+            else:
+                module.train()
+                module.track_running_stats = False
         yield
     finally:
-        for module, training, track in saved:
+        for module, training, track, mean, variance in saved:
             module.train(training)
             module.track_running_stats = track
+            module.running_mean, module.running_var = mean, variance
+
+
+@torch.no_grad()
+def fixed_statistics(model: nn.Module, images: torch.Tensor, below: nn.Module) -> FixedStatistics:
+    """The statistics the authors' code normalizes the layers below the searched one with.
+
+    Before caching the activations below a layer, their code resets every BN's moving statistics (momentum 0)
+    by one training-mode forward pass of the first 2000 training images: each BN layer takes the mean and the
+    biased variance of its input over that batch. Returns them for the BN layers of the ``nn.Sequential``
+    ``model`` that come before the layer ``below``.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError("BN statistics fixed below the searched layer need an nn.Sequential model")
+    layers = list(model)
+    stop = next((index for index, layer in enumerate(layers) if layer is below), None)
+    if stop is None:
+        raise ValueError("the searched layer is not a layer of the model")
+    statistics: FixedStatistics = {}
+    x = images
+    with batch_statistics(model):
+        for layer in layers[:stop]:
+            if isinstance(layer, BATCHNORMS):
+                dims = [0, *range(2, x.dim())]
+                statistics[layer] = (x.mean(dims), x.var(dims, unbiased=False))
+            x = layer(x)
+    return statistics
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,8 +123,10 @@ class ScoringEngine(ABC):
     world: World = LOCAL
 
     def begin_sweep(self, model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
-                    partition: ChunkPartition) -> None:
+                    partition: ChunkPartition, fixed: FixedStatistics | None = None) -> None:
+        """``fixed``: BN layers (below the target) that normalize with fixed statistics, see :func:`batch_statistics`."""
         self.model, self.target, self.images, self.labels, self.partition = model, target, images, labels, partition
+        self.fixed = fixed or {}
 
     @abstractmethod
     def score(self, index: int, values: torch.Tensor, chunk: int) -> torch.Tensor:

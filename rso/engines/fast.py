@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rso.distributed import LOCAL, World
-from rso.engines.base import ChunkPartition, ScoringEngine, summed_cross_entropy
+from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, summed_cross_entropy
 from rso.engines.plan import ChannelOps, SweepPlan, group_channel_ops, plan_sweep, unsupported_reason
 from rso.search.visit import BATCHNORMS, SearchTarget
 
@@ -123,11 +123,11 @@ class FastEngine(ScoringEngine):
 
     # ----------------------------------------------------------------------------------------- sweep state
     def begin_sweep(self, model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
-                    partition: ChunkPartition) -> None:
+                    partition: ChunkPartition, fixed: FixedStatistics | None = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fast engine cannot score this model: {reason}; use --engine reference or auto")
-        super().begin_sweep(model, target, images, labels, partition)
+        super().begin_sweep(model, target, images, labels, partition, fixed)
         self.plan: SweepPlan = plan_sweep(model, target)
         self.layer = self.plan.layers[self.plan.searched]
         self.start = target.parameter.detach().clone()     # the tensor as the sweep found it
@@ -172,7 +172,7 @@ class FastEngine(ScoringEngine):
         state = self.chunks.get(chunk)
         if state is None:
             rows = self.partition.indices(chunk)
-            with self.world.batch_statistics(self.model):
+            with self.world.batch_statistics(self.model, self.fixed):
                 x, y = self._forward_to_next(self.images[rows])
             y = self._next_layout(y)
             state = _Chunk(x, self.labels[rows], y, synced=len(self.log))
@@ -190,18 +190,20 @@ class FastEngine(ScoringEngine):
 
     @torch.no_grad()
     def prebuild(self, chunks: list[int], block: int = 8192) -> None:
-        """Fill the caches of ``chunks`` in a few large batches: only where no BN is below the next linear
-        layer, so an example's activations do not depend on the rest of its chunk (e.g. a dense head)."""
+        """Fill the caches of ``chunks`` in a few large batches: only where no BN below the next linear layer
+        normalizes with its chunk's statistics, so an example's activations do not depend on the rest of its
+        chunk (e.g. a dense head, or BN layers with fixed statistics)."""
         below = self.plan.layers[:self.plan.next_index + 1]
         wanted = [chunk for chunk in chunks if chunk not in self.chunks]
-        if len(wanted) < 2 or any(isinstance(layer, BATCHNORMS) for layer in below):
+        if len(wanted) < 2 or any(isinstance(layer, BATCHNORMS) and layer not in self.fixed for layer in below):
             return
         rows = torch.cat([self.partition.indices(chunk) for chunk in wanted])
         inputs, outputs = [], []
-        for start in range(0, len(rows), block):
-            x, y = self._forward_to_next(self.images[rows[start:start + block]])
-            inputs.append(x)
-            outputs.append(y)
+        with self.world.batch_statistics(self.model, self.fixed):
+            for start in range(0, len(rows), block):
+                x, y = self._forward_to_next(self.images[rows[start:start + block]])
+                inputs.append(x)
+                outputs.append(y)
         inputs, outputs = torch.cat(inputs), torch.cat(outputs)
         ends = torch.tensor([len(self.partition.indices(chunk)) for chunk in wanted]).cumsum(0).tolist()
         for position, chunk in enumerate(wanted):

@@ -190,7 +190,8 @@ def _nan_max(a, b):
 
 
 def _affine_relu_pool(x, scale, bias, relu, pool, out):
-    """``out = pool(relu(x * scale + bias))`` for NHWC ``x``; pool 0 none, 1 avg 2x2, 2 max 2x2, 3 global avg."""
+    """``out = pool(relu(x * scale + bias))`` for NHWC ``x``; pool 0 none, 1 avg 2x2, 2 max 2x2, 3 global avg,
+    4 global max (NaN anywhere in a channel gives NaN, as torch's max pooling)."""
     n, height, width, c = x.shape
     for i in numba.prange(n):
         if pool == 0:
@@ -208,6 +209,17 @@ def _affine_relu_pool(x, scale, bias, relu, pool, out):
                         acc[k] += max(y, 0.0) if relu else y
             for k in range(c):
                 out[i, 0, 0, k] = acc[k] / (height * width)
+        elif pool == 4:
+            top = np.full(c, -np.inf, x.dtype)
+            for h in range(height):
+                for w in range(width):
+                    for k in range(c):
+                        y = x[i, h, w, k] * scale[k] + bias[k]
+                        if relu:
+                            y = max(y, 0.0)
+                        top[k] = _nan_max(top[k], y)
+            for k in range(c):
+                out[i, 0, 0, k] = top[k]
         else:
             for h in range(out.shape[1]):
                 for w in range(out.shape[2]):
@@ -293,7 +305,7 @@ if numba is not None:
     _add_one_channel_conv = numba.njit(cache=True, parallel=True)(_add_one_channel_conv)
     _add_one_channel_conv_unit_stride = numba.njit(cache=True, parallel=True)(_add_one_channel_conv_unit_stride)
 
-POOL_CODES = {"none": 0, "avg2": 1, "max2": 2, "global": 3}
+POOL_CODES = {"none": 0, "avg2": 1, "max2": 2, "global": 3, "global-max": 4}
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -328,7 +340,7 @@ def channel_ops(x: torch.Tensor, ops, buffer=None, combine_moments=None) -> torc
     else:
         scale, bias = np.ones(c), np.zeros(c)
     pool = POOL_CODES[ops.pool]
-    shape = {0: (n, height, width, c), 3: (n, 1, 1, c)}.get(pool, (n, height // 2, width // 2, c))
+    shape = {0: (n, height, width, c), 3: (n, 1, 1, c), 4: (n, 1, 1, c)}.get(pool, (n, height // 2, width // 2, c))
     shape = (shape[0], shape[3], shape[1], shape[2])
     out = buffer(shape) if buffer is not None else torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last)
     _affine_relu_pool(array, scale.astype(array.dtype), bias.astype(array.dtype), ops.relu, pool, _nhwc(out).numpy())

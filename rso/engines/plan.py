@@ -16,7 +16,7 @@ from rso.search.visit import SearchTarget
 
 LINEAR_LAYERS = (nn.Conv2d, nn.Linear)
 CHANNEL_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
-                  nn.Flatten, nn.Identity)
+                  nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity)
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -37,10 +37,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
         if isinstance(layer, nn.Conv2d):
             if not spatial or layer.groups != 1 or layer.padding_mode != "zeros":
                 return f"{where}: needs groups=1, zero padding and a spatial input"
-        elif isinstance(layer, (nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
+        elif isinstance(layer, (nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             if not spatial:
                 return f"{where} needs a spatial input"
-            if isinstance(layer, nn.MaxPool2d) and layer.return_indices:
+            if isinstance(layer, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)) and layer.return_indices:
                 return f"{where} returns indices"
         elif isinstance(layer, (nn.Linear, nn.BatchNorm1d)):
             if spatial:
@@ -90,12 +90,13 @@ def plan_sweep(model: nn.Sequential, target: SearchTarget) -> SweepPlan:
 @dataclass(frozen=True)
 class ChannelOps:
     """A run of per-channel layers that the numba kernels do in two passes over a channels-last tensor:
-    an optional BatchNorm2d (batch statistics), an optional ReLU, an optional 2x2/global pooling, in this order."""
+    an optional BatchNorm2d (batch statistics), an optional ReLU, an optional 2x2/global pooling, in this order.
+    (Pooling before a BN, as in the authors' network, is a group of its own: pooling only.)"""
 
     layers: tuple[nn.Module, ...]
     batchnorm: nn.BatchNorm2d | None
     relu: bool
-    pool: str        # "none", "avg2", "max2" or "global"
+    pool: str        # "none", "avg2", "max2", "global" (average) or "global-max"
 
 
 def _pool_kind(layer: nn.Module) -> str | None:
@@ -112,6 +113,8 @@ def _pool_kind(layer: nn.Module) -> str | None:
         return "max2" if plain else None
     if isinstance(layer, nn.AdaptiveAvgPool2d):
         return "global" if pair(layer.output_size) == (1, 1) else None
+    if isinstance(layer, nn.AdaptiveMaxPool2d):
+        return "global-max" if pair(layer.output_size) == (1, 1) and not layer.return_indices else None
     return None
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rso.distributed import LOCAL, World
-from rso.engines.base import ChunkPartition, ScoringEngine, summed_cross_entropy
+from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, summed_cross_entropy
 from rso.search.visit import SearchTarget
 
 
@@ -30,10 +30,10 @@ class PrefixCacheEngine(ScoringEngine):
         return isinstance(model, nn.Sequential)
 
     def begin_sweep(self, model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
-                    partition: ChunkPartition) -> None:
+                    partition: ChunkPartition, fixed: FixedStatistics | None = None) -> None:
         if not isinstance(model, nn.Sequential):
             raise ValueError("the prefix-cache engine needs an nn.Sequential; use --engine reference")
-        super().begin_sweep(model, target, images, labels, partition)
+        super().begin_sweep(model, target, images, labels, partition, fixed)
         layers = list(model)
         self.searched = next(index for index, layer in enumerate(layers) if target.module is layer)
         self.prefix, self.rest = layers[:self.searched], layers[self.searched:]
@@ -48,7 +48,7 @@ class PrefixCacheEngine(ScoringEngine):
         if cached is None:
             rows = self.partition.indices(chunk)
             x = self.images[rows]
-            with self.world.batch_statistics(self.model):
+            with self.world.batch_statistics(self.model, self.fixed):
                 for layer in self.prefix:
                     x = layer(x)
             if x.dim() == 4:
@@ -63,7 +63,7 @@ class PrefixCacheEngine(ScoringEngine):
         original = flat[index].clone()
         losses = torch.empty(len(values), dtype=torch.float64)
         try:
-            with self.world.batch_statistics(self.model):
+            with self.world.batch_statistics(self.model, self.fixed):
                 for k, value in enumerate(values.tolist()):
                     flat[index] = value
                     x = x0

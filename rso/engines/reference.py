@@ -27,7 +27,7 @@ class ReferenceEngine(ScoringEngine):
         original = flat[index].clone()
         losses = torch.empty(len(values), dtype=torch.float64)
         try:
-            with torch.no_grad(), self.world.batch_statistics(self.model):
+            with torch.no_grad(), self.world.batch_statistics(self.model, self.fixed):
                 for k, value in enumerate(values.tolist()):
                     flat[index] = value
                     losses[k] = summed_cross_entropy(self.model(images), labels)

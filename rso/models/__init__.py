@@ -1,7 +1,10 @@
 """A registry of named models, each built with the paper's He initialization.
 
 Every model is an ``nn.Sequential`` of standard layers (Conv2d, BatchNorm2d, ReLU, pooling, Flatten, Linear),
-so the fast scoring engine can walk it layer by layer. ``MODELS`` maps a name to ``(builder, description)``.
+so the fast scoring engine can walk it layer by layer. ``MODELS`` maps a name to ``(builder, description)``;
+``INPUT_TRANSFORMS`` maps it to the input transform it is trained with by default (see
+:data:`rso.data.INPUT_TRANSFORMS`): ``paper6`` takes the authors' (pixels / 255 minus the training mean),
+every other model standardizes with the MNIST mean and std.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from torch import nn
 
 Builder = Callable[..., nn.Sequential]
 MODELS: dict[str, tuple[Builder, str]] = {}
+INPUT_TRANSFORMS: dict[str, str] = {}
 
 
-def register(name: str, description: str) -> Callable[[Builder], Builder]:
+def register(name: str, description: str, input_transform: str = "standardize") -> Callable[[Builder], Builder]:
     def decorator(builder: Builder) -> Builder:
         MODELS[name] = (builder, description)
+        INPUT_TRANSFORMS[name] = input_transform
         return builder
     return decorator
 
@@ -41,9 +46,46 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
 
 
-@register("paper6", "the paper's MNIST net: 6 conv 3x3 (16 ch, BN, ReLU), avg-pool after conv1 and conv3, GAP, dense 16->10")
-def paper_convnet(depth: int = 6, channels: int = 16) -> nn.Sequential:
-    """The authors' MNIST design with ``depth`` conv layers (1..6); pooling after conv1 and conv3 as in the paper."""
+AUTHORS_BN_EPS = 1e-3     # MXNet's BatchNorm default, which the authors' code keeps
+AUTHORS_POOLED = (1, 3)   # the authors' pool_index for 6 layers: 2x2 average pooling after conv1 and conv3
+
+
+def authors_convnet(depth: int = 6, channels: int = 16) -> nn.Sequential:
+    """The ``forward`` of the authors' ``CNN_ND`` (rohun-tripathi/RSO-gradient-free, ``train.py``), layer for layer::
+
+        for l in 0..depth-1:
+            if l > 0: x = relu(x)                       # the ReLU opens the next layer: none after the last BN
+            x = conv3x3(x, channels, padding 1, no bias)
+            if l in (1, 3): x = avg_pool2d(x, 2)         # pooling BEFORE the BatchNorm
+            x = batch_norm(x, eps=1e-3)
+        x = global max pooling                          # MXNet's global_pool default pool_type is max
+        logits = x @ W (channels -> 10, no bias)
+
+    ``paper6`` is ``depth=6, channels=16`` (11,824 conv/dense weights, 192 BN parameters); other depths and
+    widths keep the same layer pattern (the exactness tests use narrow copies).
+    """
+    if not 1 <= depth <= 6:
+        raise ValueError(f"depth must be in 1..6, got {depth}")
+    if channels < 1:
+        raise ValueError(f"channels must be positive, got {channels}")
+    layers: list[nn.Module] = []
+    for index in range(depth):
+        if index > 0:
+            layers.append(nn.ReLU())
+        layers.append(nn.Conv2d(1 if index == 0 else channels, channels, 3, padding=1, bias=False))
+        if index in AUTHORS_POOLED:
+            layers.append(nn.AvgPool2d(2))
+        layers.append(nn.BatchNorm2d(channels, eps=AUTHORS_BN_EPS))
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels, 10, bias=False)]
+    return nn.Sequential(*layers)
+
+
+def paper_convnet_cbr(depth: int = 6, channels: int = 16) -> nn.Sequential:
+    """Conv -> BN -> ReLU blocks with ``depth`` conv layers (1..6), pooling after conv1 and conv3.
+
+    It differs from the authors' network (:func:`authors_convnet`) in the order inside a layer (BN and ReLU
+    before the pooling), a ReLU after the last BN, global average instead of max pooling, and BN eps 1e-5.
+    """
     if not 1 <= depth <= 6:
         raise ValueError(f"depth must be in 1..6, got {depth}")
     if channels < 1:
@@ -51,15 +93,36 @@ def paper_convnet(depth: int = 6, channels: int = 16) -> nn.Sequential:
     layers: list[nn.Module] = []
     for index in range(depth):
         layers += conv_bn_relu(1 if index == 0 else channels, channels)
-        if index in (1, 3) and index != depth - 1:
+        if index in AUTHORS_POOLED and index != depth - 1:
             layers.append(nn.AvgPool2d(2))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10, bias=False)]
     return nn.Sequential(*layers)
 
 
-@register("convnet", "the paper's design with --depth conv layers (1-6) and --channels channels")
+@register("paper6", "the authors' MNIST net exactly: 6 x [ReLU (not before conv0)] conv 3x3 16 ch (no bias) "
+                    "[avg-pool 2x2 after conv1, conv3] BN(eps 1e-3); no ReLU after BN5; global MAX pool; dense 16->10 "
+                    "(no bias); inputs /255 minus the training mean", input_transform="center")
+def paper6() -> nn.Sequential:
+    return authors_convnet(depth=6, channels=16)
+
+
+@register("paper6-cbr", "a variant of the paper's net (this project's paper6 before 2026-11-30): 6 x conv 3x3 16 ch "
+                        "-> BN (eps 1e-5) -> ReLU, avg-pool after the ReLU of conv1 and conv3, a ReLU after the last "
+                        "BN, global AVERAGE pool, dense 16->10; inputs standardized")
+def paper6_cbr() -> nn.Sequential:
+    return paper_convnet_cbr(depth=6, channels=16)
+
+
+@register("convnet", "the paper6-cbr family (conv -> BN -> ReLU, global average pool) with --depth conv layers "
+                     "(1-6) and --channels channels; the depth experiment's family")
 def convnet(depth: int = 6, channels: int = 16) -> nn.Sequential:
-    return paper_convnet(depth=depth, channels=channels)
+    return paper_convnet_cbr(depth=depth, channels=channels)
+
+
+@register("authors-convnet", "the authors' layer pattern (paper6's) with --depth conv layers (1-6) and --channels "
+                             "channels", input_transform="center")
+def authors_convnet_family(depth: int = 6, channels: int = 16) -> nn.Sequential:
+    return authors_convnet(depth=depth, channels=channels)
 
 
 @register("oneconv", "course net: conv 3x3 1->4 (+bias), ReLU, 2x2 max pool, dense 784->10")
@@ -102,4 +165,4 @@ def count_weights(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-__all__ = ["MODELS", "build_model", "count_weights", "he_init_", "register"]
+__all__ = ["INPUT_TRANSFORMS", "MODELS", "authors_convnet", "build_model", "count_weights", "he_init_", "register"]

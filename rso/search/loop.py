@@ -13,6 +13,11 @@ All randomness of a sweep (the shuffle and every dw) is drawn from the caller's 
 start of the sweep, so the result does not depend on the engine, and a run resumed at a sweep boundary
 continues exactly. With several workers (:mod:`rso.distributed`) every rank draws the same randomness and
 the engine reduces the losses over the ranks' shares, so every rank takes the same decisions.
+
+BN during the search: by default every BN layer normalizes with the scored chunk's statistics. With
+``fixed_bn_images`` (the authors' code: the first 2000 training images), the BN layers below the searched
+tensor normalize with the statistics of those images, taken at the start of the sweep
+(:func:`rso.engines.base.fixed_statistics`); the searched layer and the layers above it keep the chunk's.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from rso.engines.base import ChunkPartition, ScoringEngine
+from rso.engines.base import ChunkPartition, ScoringEngine, fixed_statistics
 from rso.search.candidates import Sampler, candidate_values, select_candidate
 from rso.search.visit import SearchTarget
 
@@ -76,14 +81,15 @@ def draw_sweep(target: SearchTarget, n_examples: int, batch_size: int, sigma: fl
 def run_sweep(model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
               engine: ScoringEngine, *, sigma: float, batch_size: int, sampler: Sampler,
               generator: torch.Generator, weight_decay: float = 0.0, chunking: str = "per-visit",
-              progress: Progress | None = None) -> SweepStats:
+              progress: Progress | None = None, fixed_bn_images: torch.Tensor | None = None) -> SweepStats:
     """Visit every element of ``target`` once; returns the sweep's counts. See the module docstring."""
     start = time.perf_counter()
     partition, chunks, steps = draw_sweep(target, len(labels), batch_size, sigma, sampler, generator, chunking)
     partition.order = partition.order.to(images.device)
     partition.world = engine.world      # with several workers each scores its share of every chunk
     stats = SweepStats(target.name, sigma)
-    engine.begin_sweep(model, target, images, labels, partition)
+    fixed = None if fixed_bn_images is None else fixed_statistics(model, fixed_bn_images, target.module)
+    engine.begin_sweep(model, target, images, labels, partition, fixed)
     try:
         fused = getattr(engine, "run_sweep", None)
         if fused is not None:
