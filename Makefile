@@ -26,8 +26,8 @@ mnist-rso: install ## train the default RSO run on MNIST (under 15 min on 2 CPU 
 record-mnist-rso: install ## copy runs/mnist-rso into results/mnist_rso with an independent evaluation
 	$(PYTHON) -m experiments.record_run $(RUNS)/mnist-rso results/mnist_rso
 
-mnist-rso-paper: install ## the paper's configuration: paper6, batch 5000, 50 cycles (resumable)
-	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso-paper --model paper6 --batch-size 5000 --cycles 50 --resume-if-exists $(ARGS)
+mnist-rso-paper: install ## the authors' configuration (--preset authors: paper6, batch 5000, 50 cycles, wd 1e-4, their BN handling); resumable
+	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso-paper --preset authors --resume-if-exists $(ARGS)
 
 mnist-sgd: install ## the backprop baseline (SGD with momentum) on the same model
 	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-sgd --optimizer sgd --batch-size 100 $(ARGS)
@@ -47,7 +47,7 @@ depth: install ## experiment: 1 to 6 conv layers of the paper's design -> result
 ablations: install ## experiment: annealing, sampler, order, chunking, weight decay -> results/ablations
 	$(PYTHON) -m experiments.ablations $(ARGS)
 
-paper: install ## experiment: the paper's configuration, accuracy after every cycle (resumable) -> results/paper
+paper: install ## experiment: the authors' configuration, accuracy after every cycle (resumable) -> results/paper
 	$(PYTHON) -m experiments.paper $(ARGS)
 
 landscapes: install ## the optimizer family and RSO on 2-D test functions -> results/landscapes

@@ -24,6 +24,7 @@ from pathlib import Path
 # README order; folders missing from results/ are listed as not yet produced.
 EXPERIMENTS = [
     ("paper", "make paper"),
+    ("paper6_cbr", "make paper, before paper6 became the authors' network"),
     ("compare", "make compare"),
     ("batch_size", "make batch-size"),
     ("depth", "make depth"),
