@@ -5,9 +5,11 @@ test accuracy after every cycle, so the "98% after 5 cycles" claim can be checke
     python -m experiments.paper                        # start, or continue, runs/experiments/paper/paper6-authors-batch5000-seed0
     python -m experiments.paper --max-minutes 60       # stop after 60 minutes of training (summed over resumes)
     python -m experiments.paper --harvest              # no training: write the results of what the run has reached
+    python -m experiments.paper --harvest --save-run   # ... and keep its checkpoint in results/paper/run/ (committed)
     python -m experiments.paper --quick                # a tiny net of the authors' pattern on data slices, interrupted and resumed
 
-Re-running the command continues from the last checkpoint (saved after every layer sweep); ``--cycles`` and
+Re-running the command continues from the last checkpoint (saved after every layer sweep), or, on a machine
+without the run folder, from the copy in ``results/paper/run/`` that ``--save-run`` keeps; ``--cycles`` and
 ``--max-minutes`` may change between sessions. The annealing schedule depends on ``--cycles``, so the
 faithful setting keeps the paper's 50 even when fewer cycles can run; the table says how many ran.
 """
@@ -15,6 +17,7 @@ faithful setting keeps the paper's 50 even when fewer cycles can run; the table 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -139,6 +142,19 @@ def report(out: Path, config: TrainConfig, state: dict, record_args, argv, statu
     return rows
 
 
+SAVED_RUN = "run"
+SAVED_FILES = ("checkpoint.pt", "config.json", "meta.json", "log.txt")
+
+
+def save_run(folder: Path, saved: Path) -> None:
+    """Copy what resumes the run (and says how it got there) next to its results."""
+    saved.mkdir(parents=True, exist_ok=True)
+    for name in SAVED_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, saved / name)
+    print(f"saved the run's checkpoint and records in {saved}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser("paper", __doc__.splitlines()[0], default_seeds=1)
     parser.add_argument("--cycles", type=int, default=None, help="cycles (default 50, the paper's; sets the annealing)")
@@ -149,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="run name under --run-dir (default <model>-batch<b>-seed<s>)")
     parser.add_argument("--harvest", action="store_true", help="do not train: report what the run's checkpoint holds")
+    parser.add_argument("--save-run", action="store_true",
+                        help=f"also copy the run's checkpoint, config, meta and log into <out>/{SAVED_RUN}/ (small: "
+                             "about 100 KB for paper6), from where a later session on another machine continues it")
+    parser.add_argument("--fresh", action="store_true", help=f"never continue from <out>/{SAVED_RUN}/")
     args = parser.parse_args(argv)
     out = common.prepare(args)
     config, given = paper_config(args)
@@ -160,7 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         saved = TrainConfig.from_dict(state["config"])
         done = state["progress"]["cycle"]
         report(out, saved, state, args, argv, f"harvested from {checkpoint} with {done} cycle(s) done")
+        if args.save_run:
+            save_run(checkpoint.parent, out / SAVED_RUN)
         return 0
+    saved_run = out / SAVED_RUN
+    if not checkpoint.is_file() and (saved_run / "checkpoint.pt").is_file() and not args.fresh:
+        # a run longer than a session (and a machine) goes on from the copy committed with its results
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        for path in saved_run.iterdir():
+            shutil.copy2(path, checkpoint.parent / path.name)
+        print(f"seeded {checkpoint.parent} from {saved_run} (the run's committed checkpoint)", flush=True)
     print(f"{'continuing' if checkpoint.is_file() else 'starting'} {checkpoint.parent}", flush=True)
     data = common.mnist(config.train_subset, config.test_subset, config.resolved_input_transform())
     metrics = train(config, given=given, data=data)
@@ -169,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     status = (f"stopped: {metrics['stopped_by']}" if metrics.get("stopped_by") else "finished the planned cycles"
               ) + f"; final test accuracy {metrics['test_accuracy']:.4f} with BN statistics over the whole training set"
     report(out, saved, state, args, argv, status)
+    if args.save_run:
+        save_run(checkpoint.parent, out / SAVED_RUN)
     return 0
 
 

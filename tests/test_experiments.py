@@ -97,6 +97,25 @@ def test_paper_quick_resumes_and_reports_every_cycle(tmp_path):
     assert "harvested from" in (out / "summary.md").read_text()
 
 
+def test_paper_run_continues_on_another_machine_from_its_saved_copy(tmp_path, capsys):
+    """--save-run keeps the checkpoint beside the results; a run folder that does not exist (a new machine)
+    is seeded from it and continues to exactly the weights of the run continued where it started."""
+    import torch
+
+    out = quick(paper, tmp_path, "paper", "--cycles", "1", "--save-run")
+    saved = out / paper.SAVED_RUN
+    assert sorted(p.name for p in saved.iterdir()) == ["checkpoint.pt", "config.json", "log.txt", "meta.json"]
+    quick(paper, tmp_path, "paper", "--cycles", "2")                                 # the same machine
+    elsewhere = tmp_path / "elsewhere"
+    assert paper.main(["--quick", "--threads", "1", "--no-progress", "--out", str(out), "--cycles", "2",
+                       "--run-dir", str(elsewhere)]) == 0                                # a machine without the run
+    assert "seeded" in capsys.readouterr().out
+    here = torch.load(next((tmp_path / "runs" / "paper").iterdir()) / "checkpoint.pt", weights_only=True)
+    there = torch.load(next(elsewhere.iterdir()) / "checkpoint.pt", weights_only=True)
+    assert here["progress"]["cycle"] == there["progress"]["cycle"] == 2
+    assert all(torch.equal(here["model"][key], there["model"][key]) for key in here["model"])
+
+
 def test_readme_section_is_generated_from_the_results(tmp_path):
     results = tmp_path / "results"
     quick(batch_size, tmp_path, "batch_size")
