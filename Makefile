@@ -41,7 +41,7 @@ compare: install ## experiment: RSO vs SGD vs Adam on the same model and data ->
 batch-size: install ## experiment: RSO accuracy and time per cycle vs batch size -> results/batch_size
 	$(PYTHON) -m experiments.batch_size $(ARGS)
 
-depth: install ## experiment: 1 to 6 conv layers of the paper's design -> results/depth
+depth: install ## experiment: 1 to 6 conv layers of the convnet family (paper6-cbr's design) -> results/depth
 	$(PYTHON) -m experiments.depth $(ARGS)
 
 ablations: install ## experiment: annealing, sampler, order, chunking, weight decay -> results/ablations

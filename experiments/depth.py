@@ -1,5 +1,5 @@
-"""RSO on the paper's conv design with 1 to 6 conv layers (3x3, BN, ReLU, avg-pool after conv1 and conv3, GAP,
-dense), with an SGD run per depth on the same data for reference.
+"""RSO on the convnet family with 1 to 6 conv layers (paper6-cbr's design: 3x3 conv, BN, ReLU, avg-pool after
+conv1 and conv3, GAP, dense; not the authors' exact paper6), with an SGD run per depth on the same data for reference.
 
     python -m experiments.depth                              # depths 1..6, 16 channels, 1 cycle each
     python -m experiments.depth --channels 8 --train-subset 10000 --cycles 2
@@ -71,7 +71,7 @@ def plot(finals: list[dict], record: dict, path) -> None:
         axis.set_xlabel("conv layers")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.suptitle("Depth: the paper's conv design with 1..6 conv layers", fontsize=10)
+    figure.suptitle("Depth: the convnet family (conv-BN-ReLU) with 1..6 conv layers", fontsize=10)
     common.footer(figure, record)
     common.save(figure, path)
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             + f"; seeds {common.seeds(args)}; {common.data_description(first, args)}")
     record = common.provenance(args, argv, what)
     plot(finals, record, out / "depth.png")
-    common.write_outputs(out, "Depth: 1 to 6 conv layers of the paper's design", record,
+    common.write_outputs(out, "Depth: 1 to 6 conv layers of the convnet family (paper6-cbr's conv-BN-ReLU design)", record,
                          summarize(finals) + "\n![depth chart](depth.png)\n")
     return 0
 
