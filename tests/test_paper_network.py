@@ -213,10 +213,11 @@ def test_fast_equals_reference_on_the_authors_pattern_float64(kernels, search_bn
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_fast_equals_reference_on_paper6_at_real_width(dtype, rtol, mnist_small):
-    """paper6 itself (16 channels) at batch 500 on real MNIST: a few visits of every tensor, both BN modes in turn."""
+    """paper6 itself (16 channels) at batch 250 on real MNIST: two visits of every tensor (its BN layers below the
+    searched one fixed, the authors' handling; the chunk-statistics mode is covered on the narrow copy)."""
     model = build_model("paper6", torch.Generator().manual_seed(8)).to(dtype)
-    images, labels = mnist_small.train_images[:1000].to(dtype), mnist_small.train_labels[:1000]
-    worst = compare_engines(model, images, labels, 500, "auto", visits=3, seed=1, rtol=rtol,
+    images, labels = mnist_small.train_images[:500].to(dtype), mnist_small.train_labels[:500]
+    worst = compare_engines(model, images, labels, 250, "auto", visits=2, seed=1, rtol=rtol,
                             fixed_images=mnist_small.train_images[1000:1500].to(dtype))
     print(f"paper6 {dtype}: worst relative loss difference fast vs reference {worst:.3g}")
 
