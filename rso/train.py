@@ -217,6 +217,12 @@ class Trainer:
                            f"(resume with --resume {self.folder})") from None
         except (NonFiniteLossError, FloatingPointError) as error:
             raise RunError(f"{error}; the last good checkpoint is {self.folder / 'checkpoint.pt'}") from None
+        except Exception as error:
+            if self.world.size == 1:
+                raise
+            # one worker failed (or lost its peer): say where the run can continue from
+            raise RunError(f"{distributed.one_line(error)}; the last checkpoint is {self.folder / 'checkpoint.pt'} "
+                           f"(resume with --resume {self.folder}, with any number of workers)") from None
         accuracy, test_loss = self.evaluate(full=True)
         self.save()  # the final BN statistics go into the checkpoint that is evaluated independently
         metrics = {"test_accuracy": accuracy, "test_loss": test_loss, "visits": self.progress.visits,

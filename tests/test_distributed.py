@@ -102,7 +102,10 @@ def test_a_failing_worker_ends_the_run_in_one_line(mode, tmp_path, data_dir):
     errors = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert "worker rank 1 of 2" in errors[0]
-    assert ("injected fault" in errors[0]) if mode == "raise" else ("exited with status 3" in errors[0])
+    if mode == "raise":
+        assert "injected fault" in errors[0] and str(tmp_path / "failing" / "checkpoint.pt") in errors[0]
+    else:
+        assert "exited with status 3" in errors[0]
     assert "Traceback" not in result.stderr
     state = load_checkpoint(tmp_path / "failing")
     assert state["progress"]["target_index"] >= 1 and state["progress"]["cycle"] == 0
