@@ -24,6 +24,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from rso.optim import RSO, make_optimizer, optimizer_step
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: a second intra-op thread only adds synchronisation (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Constructor options per optimizer, as OptimizerInfo.optim_inputs_func gives them (factories: schedulers
 # write into a tensor lr in place, so every test gets fresh ones).
 CONFIGS = {
@@ -246,7 +255,7 @@ def test_state_dict_deterministic(name, config, named):
 def test_can_load_older_state_dict(name, config):
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2))
-    inputs = torch.rand(1, 4, 16, 16)
+    inputs = torch.rand(2, 4, 4, 4)  # torch uses (1, 4, 16, 16); the size does not matter to the check
     optimizer = CLASSES[name](model.parameters(), **config())
 
     def closure():
@@ -273,6 +282,32 @@ def test_can_load_older_state_dict(name, config):
         assert all(group["lr"] == 1.0 for group in optimizer.param_groups)
         assert all(not isinstance(key, torch.Tensor) for key in optimizer.state), "no per-parameter sigma copy"
     optimizer.step(closure)
+
+
+@pytest.mark.parametrize("named_to", [False, True], ids=["to-params", "to-named"])
+@pytest.mark.parametrize("named_from", [False, True], ids=["from-params", "from-named"])
+@pytest.mark.parametrize("name", ["rso", "lbfgs"])
+def test_can_load_from_to_named_state_dict(name, named_from, named_to):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2))
+    inputs = torch.rand(2, 4, 4, 4)
+
+    def closure_for(optimizer):
+        def closure():
+            optimizer.zero_grad()
+            loss = model(inputs).sum()
+            loss.backward()
+            return loss
+        return closure
+
+    optimizer = CLASSES[name](model.named_parameters() if named_from else model.parameters())
+    optimizer.step(closure_for(optimizer))
+    saved = copy.deepcopy(optimizer.state_dict())
+    optimizer2 = CLASSES[name](model.named_parameters() if named_to else model.parameters())
+    optimizer2.load_state_dict(saved)
+    optimizer2.step(closure_for(optimizer2))
+    if named_from or named_to:
+        assert optimizer2.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
 
 
 @pytest.mark.parametrize("name, config", every_config())
@@ -491,7 +526,7 @@ def test_rso_add_param_group_then_step_and_sigma_edits_take_effect():
     seen = []
 
     def closure():
-        seen.append((float(x), float(y)))
+        seen.append((x.item(), y.item()))
         return torch.tensor(1.0)  # a constant loss: every visit keeps w, so the offsets stay readable
 
     def offsets(which):
@@ -657,14 +692,14 @@ def test_rso_non_finite_losses_never_win(bad):
     x = Parameter(torch.tensor([1.0], dtype=torch.float64))
 
     def closure():
-        return torch.tensor(0.0 if float(x) == 1.0 else bad, dtype=torch.float64)
+        return torch.tensor(0.0 if x.item() == 1.0 else bad, dtype=torch.float64)
 
     RSO([x], sigma=0.5).step(closure)
-    assert float(x) == 1.0
+    assert x.item() == 1.0
     # And a finite candidate beats a non-finite current value.
     y = Parameter(torch.tensor([1.0], dtype=torch.float64))
-    RSO([y], sigma=0.5, sampler="fixed").step(lambda: torch.tensor(bad if float(y) == 1.0 else float(y), dtype=torch.float64))
-    assert float(y) == 0.5
+    RSO([y], sigma=0.5, sampler="fixed").step(lambda: torch.tensor(bad if y.item() == 1.0 else y.item(), dtype=torch.float64))
+    assert y.item() == 0.5
 
 
 def test_rso_zero_size_parameters():
