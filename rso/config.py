@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 
 from rso.data.mnist import INPUT_TRANSFORMS
@@ -24,7 +27,39 @@ PRESETS = {
 }
 # Flags a resumed run may change; everything else comes from its checkpoint.
 RESUMABLE_OVERRIDES = {"cycles", "epochs", "device", "progress", "run_dir", "data_dir", "download", "eval_every",
-                       "max_seconds", "threads", "resume", "resume_if_exists", "name", "engine", "workers"}
+                       "max_seconds", "threads", "resume", "resume_if_exists", "name", "engine", "workers",
+                       "checkpoint_every"}
+# Fields a checkpoint's config must hold (they decide the run's trajectory): a config without them, or with
+# a wrong type, is rejected, never filled with defaults. Fields added later may be absent from older ones.
+REQUIRED_IN_CHECKPOINT = ("model", "widths", "depth", "channels", "optimizer", "train_subset", "test_subset",
+                          "batch_size", "cycles", "anneal", "final_sigma_fraction", "bn_sigma", "weight_decay",
+                          "sampler", "order", "chunking", "epochs", "lr", "momentum", "dtype", "seed")
+MAX_SEED = 2 ** 64 - 1      # torch.Generator.manual_seed takes 0..2**64-1
+MAX_THREADS = 1024
+
+
+class ConfigFieldError(ValueError):
+    """A config read back from a checkpoint lacks a field or holds a value of the wrong type."""
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` (as read from JSON or a checkpoint) has the annotated type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(item, args[0]) for item in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
 
 
 @dataclass
@@ -70,6 +105,7 @@ class TrainConfig:
     bn_samples: int = 10000                # training examples for BN recalibration before each evaluation
     target_accuracy: float | None = None   # stop once test accuracy exceeds this
     max_seconds: float | None = None       # wall-time cap (counts time across resumes)
+    checkpoint_every: float = 60.0         # RSO: seconds between checkpoints inside a layer sweep
     # the run
     run_dir: str = "runs"
     name: str | None = None
@@ -80,6 +116,10 @@ class TrainConfig:
 
     def validate(self, n_train: int | None = None) -> None:
         """Raise ValueError naming the bad field; ``n_train`` checks the batch size against the data."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name.replace('_', ' ')} must be a finite number, got {value}")
         checks = [
             (self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
@@ -100,14 +140,16 @@ class TrainConfig:
             (self.search_bn_images >= 1, f"search BN images must be positive, got {self.search_bn_images}"),
             (self.preset is None or self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"unknown device {self.device!r}"),
+            (_device_ok(self.device), f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N"),
             (self.eval_every in ("sweep", "cycle"), f"eval-every must be sweep or cycle, got {self.eval_every!r}"),
             (self.bn_samples >= 1, f"bn samples must be positive, got {self.bn_samples}"),
-            (self.threads is None or self.threads >= 1, f"threads must be positive, got {self.threads}"),
+            (self.threads is None or 1 <= self.threads <= MAX_THREADS, f"threads must be in 1..{MAX_THREADS}, got {self.threads}"),
             (self.workers >= 1, f"workers must be positive, got {self.workers}"),
             (self.workers == 1 or self.optimizer == "rso",
              f"--workers {self.workers}: the backprop baselines run in one process (drop --workers)"),
             (self.batch_size >= self.workers, f"batch size {self.batch_size} is smaller than --workers {self.workers}"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be in 0..2**64-1, got {self.seed}"),
+            (self.checkpoint_every >= 0, f"checkpoint every must be >= 0 seconds, got {self.checkpoint_every}"),
             (self.train_subset is None or 1 <= self.train_subset <= 60000, f"train subset must be in 1..60000, got {self.train_subset}"),
             (self.test_subset is None or 1 <= self.test_subset <= 10000, f"test subset must be in 1..10000, got {self.test_subset}"),
             (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be positive, got {self.max_seconds}"),
@@ -135,12 +177,45 @@ class TrainConfig:
         return data
 
     @classmethod
+    def from_checkpoint(cls, data) -> "TrainConfig":
+        """The config saved in a checkpoint, checked: every field of :data:`REQUIRED_IN_CHECKPOINT` present,
+        every field of its annotated type, every value in range. Raises :class:`ConfigFieldError`."""
+        if not isinstance(data, dict):
+            raise ConfigFieldError(f"is not a dict ({type(data).__name__})")
+        missing = [name for name in REQUIRED_IN_CHECKPOINT if name not in data]
+        if missing:
+            raise ConfigFieldError(f"lacks field {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        hints = typing.get_type_hints(cls)
+        for field in fields(cls):
+            if field.name in data and not _fits(data[field.name], hints[field.name]):
+                raise ConfigFieldError(f"field {field.name!r} has the wrong type: {data[field.name]!r} is not {hints[field.name]}")
+        config = cls.from_dict(data)
+        try:
+            config.validate()
+        except ValueError as error:
+            raise ConfigFieldError(str(error)) from None
+        return config
+
+    @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         if "widths" in values:
             values["widths"] = tuple(values["widths"])
         return cls(**values)
+
+
+def _device_ok(name) -> bool:
+    if not isinstance(name, str):
+        return False
+    if name == "auto":
+        return True
+    import torch
+
+    try:
+        return torch.device(name).type in ("cpu", "cuda")
+    except (RuntimeError, ValueError):
+        return False
 
 
 def _positive_int(text: str) -> int:
@@ -226,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--bn-samples", dest="bn_samples", type=_positive_int, help="training examples used to recompute BN statistics before each evaluation (the final one uses all)")
     group.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="stop once test accuracy exceeds this (0..1)")
     group.add_argument("--max-seconds", dest="max_seconds", type=float, help="stop once the run's wall time (training and evaluation, summed over resumes) passes this")
+    group.add_argument("--checkpoint-every", dest="checkpoint_every", type=float, metavar="SECONDS",
+                       help="RSO: also checkpoint inside a layer sweep every SECONDS (default 60; 0: after every visit); "
+                            "SIGINT/SIGTERM checkpoint at the next visit")
     group = parser.add_argument_group("the run")
     group.add_argument("--run-dir", dest="run_dir", help="parent folder of runs (default runs)")
     group.add_argument("--name", help="run name (default: model-optimizer-time); an existing name gets a suffix")

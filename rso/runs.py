@@ -85,9 +85,27 @@ def thread_settings() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    """Atomically (see :func:`rso.storage.atomic_write`: a full disk is one line and leaves no ``.tmp``)."""
+    from rso.storage import atomic_write
+
+    atomic_write(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def read_meta(path: Path) -> dict | None:
+    """A run's meta.json, or None when it is missing or unreadable (then it is kept as meta.json.unreadable)."""
+    try:
+        meta = json.loads(path.read_text())
+        if isinstance(meta, dict) and isinstance(meta.get("resumes", []), list):
+            return meta
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        os.replace(path, path.with_name(path.name + ".unreadable"))
+    except OSError:
+        pass
+    return None
 
 
 class RunLogger:
@@ -109,11 +127,11 @@ class RunLogger:
             "git_revision": git_revision(), "versions": versions(), "threads": thread_settings(),
             "machine": machine_description(device)}
         meta_path = self.folder / "meta.json"
-        if resumed_at is not None and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
+        meta = read_meta(meta_path) if resumed_at is not None else None
+        if meta is not None:
             meta.setdefault("resumes", []).append({**entry, "at_step": resumed_at})
-        else:
-            meta = entry
+        else:   # a new run, or a resume whose meta.json was missing or damaged (it never blocks a resume)
+            meta = entry if resumed_at is None else {**entry, "resumed_without_meta_at_step": resumed_at}
         write_json(self.folder / "config.json", config)
         write_json(meta_path, meta)
 

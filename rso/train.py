@@ -2,8 +2,9 @@
 
 Public API: :func:`train` takes a :class:`~rso.config.TrainConfig` and returns the final metrics.
 Every layer sweep (RSO) or epoch (backprop) ends with an evaluation, a summary line, TensorBoard scalars and
-an atomic checkpoint; ``--resume`` continues from the last one and ends with exactly the weights an
-uninterrupted run with the same seed would have (on CPU).
+an atomic checkpoint; inside a sweep a checkpoint is also written every ``--checkpoint-every`` seconds and on
+SIGINT/SIGTERM. ``--resume`` continues from the last one (at the saved visit) and ends with exactly the
+weights an uninterrupted run with the same seed would have (on CPU). One run at a time holds a run folder.
 """
 
 from __future__ import annotations
@@ -11,6 +12,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch and friends import: one line, no traceback
+    import signal
+
+    def _quit_during_start_up(signum, frame):
+        sys.stderr.write(f"interrupted ({signal.Signals(signum).name}) during start-up; nothing was written\n")
+        os._exit(128 + signum)
+
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _quit_during_start_up)
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +30,21 @@ from tqdm import tqdm
 
 from rso import distributed
 from rso.baselines import make_optimizer, train_epoch
-from rso.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from rso.checkpoint import CheckpointError, check_finite_weights, checkpoint_path, load_checkpoint, save_checkpoint
 from rso.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
 from rso.data import MNIST, DataError, load_mnist
 from rso.engines import ENGINES, make_engine
 from rso.evaluate import evaluate, recalibrate_batchnorm
+from rso.interrupts import INTERRUPTS, StopRequested
 from rso.models import build_model, count_weights
+from rso.resources import ResourceError, check_model_fits
 from rso.runs import RunLogger, unique_run_dir
 from rso.search.candidates import get_sampler
-from rso.search.loop import NonFiniteLossError, run_sweep
+from rso.search.loop import NonFiniteLossError, SweepStats, run_sweep
 from rso.search.schedule import annealed_sigma
 from rso.search.visit import BATCHNORMS, visit_order
 from rso.stopping import StoppingCriteria
+from rso.storage import RunFolderLock, StorageError
 
 
 class RunError(RuntimeError):
@@ -42,7 +56,11 @@ class ConfigError(ValueError):
 
 
 class RunInterrupted(RunError):
-    """Ctrl-C: the last checkpoint stands, and ``--resume`` continues from it."""
+    """Ctrl-C or SIGTERM: the last checkpoint stands, and ``--resume`` continues from it."""
+
+    def __init__(self, message: str, status: int = 130):
+        super().__init__(message)
+        self.status = status
 
 
 class _NoLogger:
@@ -72,10 +90,29 @@ class Progress:
 def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda was asked for, but CUDA is not available here (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def locked_folder(config: TrainConfig) -> tuple[Path | None, RunFolderLock | None]:
+    """The folder a resume (or ``--resume-if-exists``) writes, locked before its checkpoint is read."""
+    if config.resume_if_exists and not config.name:
+        raise ConfigError("--resume-if-exists needs --name (the run to continue)")
+    if config.resume is not None:
+        folder = checkpoint_path(config.resume).parent
+        return (folder, RunFolderLock(folder)) if folder.is_dir() else (None, None)
+    if config.resume_if_exists:
+        folder = Path(config.run_dir) / config.name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder, RunFolderLock(folder)
+    return None, None
 
 
 def resolve_resume(config: TrainConfig, given: dict) -> tuple[TrainConfig, dict | None, Path | None]:
@@ -89,7 +126,7 @@ def resolve_resume(config: TrainConfig, given: dict) -> tuple[TrainConfig, dict 
     if source is None:
         return config, None, None
     state = load_checkpoint(source)
-    saved = TrainConfig.from_dict(state["config"])
+    saved = TrainConfig.from_checkpoint(state["config"])
     conflicts = [key for key, value in given.items()
                  if key not in RESUMABLE_OVERRIDES and getattr(saved, key) != value]
     if conflicts:
@@ -107,6 +144,23 @@ class Trainer:
     def __init__(self, config: TrainConfig, given: dict | None = None, argv: list[str] | None = None,
                  data: MNIST | None = None, world: distributed.World = distributed.LOCAL):
         given = given or {}
+        self.folder, self.lock = locked_folder(config) if world.is_main else (None, None)
+        try:
+            self._start(config, given, argv, data, world)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the log and release the run folder; safe to call twice."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    def _start(self, config: TrainConfig, given: dict, argv: list[str] | None, data: MNIST | None,
+               world: distributed.World) -> None:
         config, state, folder = resolve_resume(config, given)
         if config.input_transform == "auto":   # the run records the transform it used, not "auto"
             config = TrainConfig.from_dict({**config.to_dict(), "input_transform": config.resolved_input_transform()})
@@ -131,10 +185,15 @@ class Trainer:
             config.validate(n_train=len(data.train_labels))
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        try:
+            check_model_fits(config)
+        except ResourceError as error:
+            raise RunError(str(error)) from None
         self.data = data.to(self.device, self.dtype)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = build_model(config.model, self.generator, **config.model_options()).to(self.device, self.dtype)
         self.progress = Progress()
+        self.resume_sweep: dict | None = None    # a checkpoint taken inside a sweep: where to go on
         self.bn_statistics_step: int | None = None
         self.stopping = StoppingCriteria(metric_above=config.target_accuracy, max_seconds=config.max_seconds)
         self.optimizer = None
@@ -145,15 +204,14 @@ class Trainer:
             self.folder = folder
         elif not world.is_main:
             self.folder = None
-        else:
+        elif self.folder is None:
             name = config.name or f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
-            existing = Path(config.run_dir) / name
-            if config.resume_if_exists and existing.is_dir():
-                self.folder = existing  # it has no checkpoint (else we would resume): nothing in it to lose
-            else:
-                self.folder = unique_run_dir(config.run_dir, name)
+            self.folder = unique_run_dir(config.run_dir, name)
+            self.lock = RunFolderLock(self.folder)
+        # else: --resume-if-exists on a folder without a checkpoint (locked above): nothing in it to lose
         self.folder = Path(world.broadcast(str(self.folder)))   # rank 0 chose it; the others name it in errors
-        # only rank 0 logs, shows progress and writes checkpoints
+        check_finite_weights(self.model.state_dict(), "weights at the start of the run")
+        # only rank 0 logs, shows progress, holds the folder's lock and writes checkpoints
         self.logger = RunLogger(self.folder, printer=tqdm.write) if world.is_main else _NoLogger()
         self.logger.describe(config.to_dict(), self.device, argv,
                              resumed_at=self.progress.visits if state is not None else None)
@@ -165,10 +223,14 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "stopping": self.stopping.state_dict()}
 
-    def save(self) -> None:
+    def save(self, sweep: dict | None = None, generator: torch.Tensor | None = None) -> None:
+        """Checkpoint; inside a sweep, ``sweep`` says how far it got and ``generator`` is its start state."""
         if not self.world.is_main:
             return
-        save_checkpoint(self.checkpoint_state(), self.folder / "checkpoint.pt")
+        state = self.checkpoint_state()
+        if sweep is not None:   # the weights are part-way through a sweep: no BN statistics match them
+            state.update(sweep=sweep, generator=generator, bn_statistics_step=None)
+        save_checkpoint(state, self.folder / "checkpoint.pt")
 
     def _restore(self, state: dict) -> None:
         try:
@@ -180,8 +242,10 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             if state.get("stopping"):
                 self.stopping.load_state_dict(state["stopping"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"checkpoint does not fit this run: {str(error).splitlines()[0]}") from None
+            self.resume_sweep = state.get("sweep")
+        except Exception as error:      # whatever a damaged (but checksummed-away) field raises: one line
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"checkpoint does not fit this run: {first}") from None
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, full: bool = False) -> tuple[float, float]:
@@ -212,9 +276,14 @@ class Trainer:
         self.stopping.start()
         try:
             reason = self._run_rso() if self.config.optimizer == "rso" else self._run_backprop()
-        except KeyboardInterrupt:
-            raise RunInterrupted(f"interrupted; the last checkpoint is {self.folder / 'checkpoint.pt'} "
-                           f"(resume with --resume {self.folder})") from None
+        except (KeyboardInterrupt, StopRequested) as error:
+            saved = "; a checkpoint was saved at this visit" if isinstance(error, StopRequested) else ""
+            if (self.folder / "checkpoint.pt").is_file():
+                message = (f"interrupted ({INTERRUPTS.name}){saved}; the last checkpoint is "
+                           f"{self.folder / 'checkpoint.pt'} (resume with --resume {self.folder})")
+            else:
+                message = f"interrupted ({INTERRUPTS.name}) before the first checkpoint; nothing to resume in {self.folder}"
+            raise RunInterrupted(message, INTERRUPTS.exit_status) from None
         except (NonFiniteLossError, FloatingPointError) as error:
             raise RunError(f"{error}; the last good checkpoint is {self.folder / 'checkpoint.pt'}") from None
         except Exception as error:
@@ -273,25 +342,33 @@ class Trainer:
                              f"{-(-config.batch_size // self.world.size)} examples of every chunk")
             self.world.check_same(sum(float(p.detach().double().sum()) for p in self.model.parameters()),
                                   "the starting weights")
-        bar = tqdm(total=config.cycles * per_cycle, initial=progress.visits, unit="visit", dynamic_ncols=True,
+        bar = tqdm(total=config.cycles * per_cycle, unit="visit", dynamic_ncols=True,
+                   initial=progress.visits + (self.resume_sweep["visit"] if self.resume_sweep else 0),
                    disable=not config.progress or not self.world.is_main, smoothing=0.05)
 
         def on_progress(visits: int, loss: float, accepted: int) -> None:
             bar.update(visits)
             bar.set_postfix(loss=f"{loss:.4f}", accept=f"{accepted / max(visits, 1):.2f}", refresh=False)
 
+        INTERRUPTS.defer(True)   # SIGINT/SIGTERM: checkpoint at the next visit, then stop
         try:
             while progress.cycle < config.cycles:
                 cycle = progress.cycle
                 while progress.target_index < len(targets):
                     target = targets[progress.target_index]
                     sigma = annealed_sigma(target.sigma, cycle, config.cycles, config.final_sigma_fraction, config.anneal)
+                    resumed, self.resume_sweep = self.resume_sweep, None
+                    partial = None if resumed is None else \
+                        SweepStats(target.name, sigma, resumed["visit"], resumed["accepted"], resumed["loss_sum"])
+                    earlier = resumed["seconds"] if resumed else 0.0
                     sweep_start = time.perf_counter()
+                    hook = self._sweep_checkpoint(target, self.generator.get_state(), sweep_start, earlier)
                     stats = run_sweep(self.model, target, self.data.train_images, self.data.train_labels, engine,
                                       sigma=sigma, batch_size=config.batch_size, sampler=sampler,
                                       generator=self.generator, weight_decay=config.weight_decay,
                                       chunking=config.chunking, progress=on_progress,
-                                      fixed_bn_images=fixed_bn_images)
+                                      fixed_bn_images=fixed_bn_images,
+                                      start_visit=resumed["visit"] if resumed else 0, stats=partial, checkpoint=hook)
                     progress.visits += stats.visits
                     progress.accepted += stats.accepted
                     progress.forward_samples += stats.forward_samples
@@ -304,7 +381,7 @@ class Trainer:
                     self.logger.scalar(f"rso/sigma/{target.name}", sigma, step)
                     self.logger.scalar("counters/accepted", progress.accepted, step)
                     accuracy = None
-                    progress.seconds += time.perf_counter() - sweep_start
+                    progress.seconds += earlier + time.perf_counter() - sweep_start
                     if config.eval_every == "sweep" or last_of_cycle:
                         accuracy, test_loss = self.evaluate()
                         self.record(step, stats.mean_loss, accuracy, test_loss, cycle=cycle, target=target.name)
@@ -316,14 +393,34 @@ class Trainer:
                         + (f" test acc {accuracy:.4f}" if accuracy is not None else "")
                         + f" ({stats.seconds:.1f} s, {progress.seconds:.0f} s total)")
                     self.save()
+                    if INTERRUPTS.requested is not None:
+                        raise StopRequested
                     reason = self._stop_reason(stats.mean_loss, accuracy)
                     if reason:
                         return reason
                     if last_of_cycle:
                         break
         finally:
+            INTERRUPTS.defer(False)
             bar.close()
         return None
+
+    def _sweep_checkpoint(self, target, generator_state: torch.Tensor, sweep_start: float, earlier: float):
+        """The hook ``run_sweep`` calls between visits: a checkpoint every ``checkpoint_every`` seconds and
+        when a signal asked to stop (then :class:`StopRequested`)."""
+        last_save = time.monotonic()
+
+        def checkpoint(visit: int, stats: SweepStats) -> None:
+            nonlocal last_save
+            requested = INTERRUPTS.requested is not None
+            if visit >= target.numel or not (requested or time.monotonic() - last_save >= self.config.checkpoint_every):
+                return      # (the end of a sweep has its own checkpoint)
+            self.save(sweep={"visit": visit, "accepted": stats.accepted, "loss_sum": stats.loss_sum,
+                             "seconds": earlier + time.perf_counter() - sweep_start}, generator=generator_state)
+            last_save = time.monotonic()
+            if requested:
+                raise StopRequested
+        return checkpoint
 
     def _run_backprop(self) -> str | None:
         config, progress = self.config, self.progress
@@ -369,7 +466,7 @@ def train(config: TrainConfig, given: dict | None = None, argv: list[str] | None
     try:
         return trainer.run()
     finally:
-        trainer.logger.close()
+        trainer.close()
 
 
 def exit_status(run) -> int:
@@ -379,11 +476,11 @@ def exit_status(run) -> int:
         return run() or 0
     except RunInterrupted as error:
         print(f"{error}", file=sys.stderr)
-        return 130
+        return error.status
     except KeyboardInterrupt:         # before the first sweep or during the final evaluation
-        print("interrupted; checkpoints already written are kept", file=sys.stderr)
-        return 130
-    except (DataError, CheckpointError, RunError) as error:
+        print(f"interrupted ({INTERRUPTS.name}); checkpoints already written are kept", file=sys.stderr)
+        return INTERRUPTS.exit_status
+    except (DataError, CheckpointError, RunError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:          # an unwritable --run-dir, a full disk
@@ -438,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             train(config, given, argv)
         except ConfigError as error:      # config checks that need the data (batch size vs training set)
             parser.error(str(error))
-    return exit_status(run)
+    with INTERRUPTS.installed():
+        return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -85,38 +85,49 @@ def _find(raw: Path, stem: str) -> Path | None:
 
 def read_idx(path: str | os.PathLike, magic: int, count: int | None = None,
              rows: int | None = None, cols: int | None = None) -> np.ndarray:
-    """Read one IDX file (gzip or plain) and check its magic number, count and shape."""
+    """Read one IDX file (gzip or plain) and check its magic number, count and shape.
+
+    At most the expected size plus one byte is read (decompressed): a file that would inflate to more, a
+    gzip bomb among them, is refused after that much, not after filling the memory.
+    """
     path = Path(path)
+    header_size = 8 if rows is None else 16
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as handle:
-            data = handle.read()
+            header = handle.read(header_size)
+            shape = _idx_shape(path, header, header_size, magic, count, rows, cols)
+            expected = int(np.prod(shape))
+            data = handle.read(expected + 1)    # one byte more tells a file with trailing bytes
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise DataError(f"{path}: corrupt or truncated gzip file ({error})") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error})") from None
-    header_size = 8 if rows is None else 16
-    if len(data) < header_size:
-        raise DataError(f"{path}: truncated header ({len(data)} bytes, expected at least {header_size})")
-    found_magic, found_count = struct.unpack(">II", data[:8])
+    if len(data) < expected:
+        raise DataError(f"{path}: truncated: {len(data)} data bytes, expected {expected}")
+    if len(data) > expected:
+        raise DataError(f"{path}: has trailing bytes: more than the {expected} data bytes expected")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _idx_shape(path: Path, header: bytes, header_size: int, magic: int, count: int | None, rows: int | None,
+               cols: int | None) -> tuple[int, ...]:
+    """The array shape an IDX header announces, checked against the expected magic, count and image size."""
+    if len(header) < header_size:
+        raise DataError(f"{path}: truncated header ({len(header)} bytes, expected at least {header_size})")
+    found_magic, found_count = struct.unpack(">II", header[:8])
     if found_magic != magic:
         raise DataError(f"{path}: bad magic number {found_magic}, expected {magic}")
     if count is not None and found_count != count:
         raise DataError(f"{path}: holds {found_count} records, expected {count}")
-    shape: tuple[int, ...] = (found_count,)
-    if rows is not None:
-        found_rows, found_cols = struct.unpack(">II", data[8:16])
-        if (found_rows, found_cols) != (rows, cols):
-            raise DataError(f"{path}: images are {found_rows}x{found_cols}, expected {rows}x{cols}")
-        shape = (found_count, rows, cols)
-    expected = int(np.prod(shape))
-    payload = len(data) - header_size
-    if payload != expected:
-        kind = "truncated" if payload < expected else "has trailing bytes"
-        raise DataError(f"{path}: {kind}: {payload} data bytes, expected {expected}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+    if rows is None:
+        return (found_count,)
+    found_rows, found_cols = struct.unpack(">II", header[8:16])
+    if (found_rows, found_cols) != (rows, cols):
+        raise DataError(f"{path}: images are {found_rows}x{found_cols}, expected {rows}x{cols}")
+    return (found_count, rows, cols)
 
 
 def download_mnist(data_dir: str | os.PathLike) -> None:

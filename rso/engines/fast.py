@@ -476,13 +476,17 @@ class FastEngine(ScoringEngine):
                 state.channel, state.synced = channel, len(self.log)
                 state.current_loss, state.loss_version = last[5][k].item(), len(self.log)
 
-    def run_sweep(self, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress) -> None:
-        """The whole sweep: the fused numba loop for the output layer on CPU, the per-visit loop otherwise."""
+    def run_sweep(self, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress,
+                  start_visit: int = 0, checkpoint=None) -> None:
+        """The whole sweep (from ``start_visit``): the fused numba loop for the output layer on CPU, the
+        per-visit loop otherwise. Caches are built from the weights as they are, so a sweep resumed at a visit
+        starts from fresh caches."""
         from rso.search.loop import visit_each_weight
         self.prebuild(sorted(set(chunks.tolist())))
+        resumable = {"start_visit": start_visit, "checkpoint": checkpoint}
         if self.plan.head_only and self.use_numba() and self.world.size == 1:
             # (the fused loop decides inside numba; with several workers each visit's losses are reduced first)
             from rso.engines.kernels import dense_head_sweep
-            dense_head_sweep(self, chunks, steps, weight_decay, stats, progress)
+            dense_head_sweep(self, chunks, steps, weight_decay, stats, progress, **resumable)
         else:
-            visit_each_weight(self, self.target, chunks, steps, weight_decay, stats, progress)
+            visit_each_weight(self, self.target, chunks, steps, weight_decay, stats, progress, **resumable)

@@ -38,7 +38,7 @@ def set_threads(count: int) -> None:
 
 def _dense_head_loop(features, logits, labels, chunk_of_visit, row_of_visit, column_of_visit, values, current,
                      choices, losses):
-    """Returns -1, or the visit at which every candidate loss was non-finite (losses filled up to it).
+    """Returns -1, or the visit at which no candidate had a finite loss and value (losses filled up to it).
 
     Layouts are (chunk, feature, example) and (chunk, class, example): a visit reads feature ``i`` and an
     accept updates class ``j`` along contiguous memory.
@@ -67,9 +67,9 @@ def _dense_head_loop(features, logits, labels, chunk_of_visit, row_of_visit, col
                 lse = high + math.log(rest * math.exp(top - high) + math.exp(zj - high))
                 losses[t, c] += lse - (zj if y == j else logits[k, y, b])
         best, choice = math.inf, -1
-        for c in range(candidates):
+        for c in range(candidates):   # the lowest finite loss of a finite value (select_candidate's rule)
             value = losses[t, c]
-            if value == value and value < best:
+            if value < best and value > -math.inf and math.isfinite(values[t, c]):
                 best, choice = value, c
         choices[t] = choice
         if choice < 0:
@@ -91,8 +91,12 @@ if numba is not None:
 
 
 def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress,
-                     report_every: int = 16) -> None:
-    """The output layer's sweep for :class:`rso.engines.fast.FastEngine`, identical to the per-visit loop."""
+                     report_every: int = 16, start_visit: int = 0, checkpoint=None) -> None:
+    """The output layer's sweep for :class:`rso.engines.fast.FastEngine`, identical to the per-visit loop.
+
+    It runs visits ``start_visit..numel-1`` in blocks; after each block the block's weights are written and
+    ``checkpoint(visits_done, stats)`` is called (a checkpoint taken there resumes at that visit).
+    """
     from rso.search.loop import NonFiniteLossError, VisitRecorder
 
     target = engine.target
@@ -100,7 +104,8 @@ def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_d
     dtype = target.parameter.dtype
     numel = target.numel
     # candidate_values(current, step, weight_decay).to(dtype).to(float64), for every visit at once: each
-    # element is visited once per sweep, so ``current`` is its value at the start of the sweep
+    # element is visited once per sweep, so ``current`` is its value before its visit (elements before
+    # ``start_visit`` are not visited again)
     current = flat.detach().cpu().to(torch.float64)
     w0 = current * (1.0 - weight_decay)
     steps = steps.to(torch.float64)
@@ -122,10 +127,10 @@ def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_d
     losses = np.zeros((numel, values.shape[1]), dtype=np.float64)
     values_array, current_array = values.numpy(), current.numpy()
     recorder = VisitRecorder(stats, progress, engine.partition.batch_size, numel, report_every)
-    # the loop runs in blocks of visits so that progress is reported during the sweep, not only at its end;
-    # the cached logits carry the accepted changes from block to block
+    # the loop runs in blocks of visits so that progress is reported (and checkpoints taken) during the sweep,
+    # not only at its end; the cached logits carry the accepted changes from block to block
     block = max(report_every, 1024)
-    failed, done = -1, 0
+    failed, done = -1, start_visit
     while done < numel and failed < 0:
         end = min(numel, done + block)
         part = slice(done, end)
@@ -136,13 +141,15 @@ def dense_head_sweep(engine, chunks: torch.Tensor, steps: torch.Tensor, weight_d
         for t in range(done, finished):
             choice = int(choices[t])
             recorder.record(t, choice, float(losses[t, choice]))
+        # the block's writes, in the loop's order and arithmetic
+        taken = torch.from_numpy(choices[done:finished])
+        chosen = values[torch.arange(done, finished), taken]
+        changed = chosen != current[done:finished]
+        flat[done:finished][changed] = chosen[changed].to(dtype).to(flat.device)
         failed = -1 if stop < 0 else done + stop
         done = finished
-    # the writes, in the loop's order and arithmetic
-    taken = torch.from_numpy(choices[:done])
-    chosen = values[torch.arange(done), taken]
-    changed = chosen != current[:done]
-    flat[:done][changed] = chosen[changed].to(dtype).to(flat.device)
+        if failed < 0 and checkpoint is not None:
+            checkpoint(done, stats)
     if failed >= 0:
         raise NonFiniteLossError(
             f"every candidate loss is non-finite at {target.name}[{failed}] (losses {losses[failed].tolist()}); "

@@ -8,6 +8,7 @@ Non-finite losses never win.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -51,14 +52,17 @@ def candidate_values(weight: float, step: float, weight_decay: float = 0.0) -> t
     return torch.tensor([current, current + step, current - step], dtype=torch.float64)
 
 
-def select_candidate(losses: torch.Tensor) -> int:
+def select_candidate(losses: torch.Tensor, values: torch.Tensor | None = None) -> int:
     """Index of the lowest finite loss; the first index wins ties (index 0 is the current weight).
 
-    Returns -1 when no loss is finite, so the caller can stop with a clear error.
+    A loss of NaN or +-infinity never wins, nor (when ``values`` are given) a candidate whose value is not
+    finite. Returns -1 when no candidate qualifies, so the caller can stop with a clear error.
     """
-    values = [float(v) for v in losses.detach().cpu().reshape(-1)]
-    best, best_index = float("inf"), -1
-    for index, value in enumerate(values):
-        if value == value and value < best:  # value == value: skips NaN
-            best, best_index = value, index
+    scores = [float(v) for v in losses.detach().cpu().reshape(-1)]
+    allowed = [True] * len(scores) if values is None else \
+        [math.isfinite(float(v)) for v in values.detach().cpu().reshape(-1)]
+    best, best_index = math.inf, -1
+    for index, (score, ok) in enumerate(zip(scores, allowed)):
+        if ok and math.isfinite(score) and score < best:
+            best, best_index = score, index
     return best_index

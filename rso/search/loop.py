@@ -18,10 +18,17 @@ BN during the search: by default every BN layer normalizes with the scored chunk
 ``fixed_bn_images`` (the authors' code: the first 2000 training images), the BN layers below the searched
 tensor normalize with the statistics of those images, taken at the start of the sweep
 (:func:`rso.engines.base.fixed_statistics`); the searched layer and the layers above it keep the chunk's.
+
+A sweep can also start at visit ``start_visit`` (a checkpoint taken inside a sweep saves
+the generator state of the sweep's start and the visit): the draws are repeated, visits before
+``start_visit`` are skipped, and the engine builds its caches from the weights as they are.
+``checkpoint(visit, stats)`` is called after every completed visit (the fused output-layer sweep: between
+its blocks), when the weights and ``stats`` hold visits ``0..visit-1``; it may save, or raise to stop.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -62,6 +69,8 @@ class SweepStats:
 
 # progress(visits_done_in_this_call, last_mean_loss, accepted_in_this_call)
 Progress = Callable[[int, float, int], None]
+# checkpoint(visits_done_in_this_sweep, stats): called between visits, may save a checkpoint or raise
+Checkpoint = Callable[[int, SweepStats], None]
 
 
 def draw_sweep(target: SearchTarget, n_examples: int, batch_size: int, sigma: float, sampler: Sampler,
@@ -81,21 +90,30 @@ def draw_sweep(target: SearchTarget, n_examples: int, batch_size: int, sigma: fl
 def run_sweep(model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
               engine: ScoringEngine, *, sigma: float, batch_size: int, sampler: Sampler,
               generator: torch.Generator, weight_decay: float = 0.0, chunking: str = "per-visit",
-              progress: Progress | None = None, fixed_bn_images: torch.Tensor | None = None) -> SweepStats:
-    """Visit every element of ``target`` once; returns the sweep's counts. See the module docstring."""
+              progress: Progress | None = None, fixed_bn_images: torch.Tensor | None = None,
+              start_visit: int = 0, stats: SweepStats | None = None, checkpoint: Checkpoint | None = None) -> SweepStats:
+    """Visit every element of ``target`` once (from ``start_visit``, continuing ``stats``); returns the
+    sweep's counts. See the module docstring."""
     start = time.perf_counter()
     partition, chunks, steps = draw_sweep(target, len(labels), batch_size, sigma, sampler, generator, chunking)
     partition.order = partition.order.to(images.device)
     partition.world = engine.world      # with several workers each scores its share of every chunk
-    stats = SweepStats(target.name, sigma)
+    if not 0 <= start_visit <= target.numel:
+        raise ValueError(f"start_visit must be in 0..{target.numel}, got {start_visit}")
+    stats = stats if stats is not None else SweepStats(target.name, sigma)
     fixed = None if fixed_bn_images is None else fixed_statistics(model, fixed_bn_images, target.module)
     engine.begin_sweep(model, target, images, labels, partition, fixed)
     try:
         fused = getattr(engine, "run_sweep", None)
-        if fused is not None:
+        resumable = {"start_visit": start_visit, "checkpoint": checkpoint}
+        if fused is not None and "checkpoint" not in inspect.signature(fused).parameters:
+            if start_visit:
+                raise ValueError(f"the {engine.name} engine's sweep cannot start at visit {start_visit}")
             fused(chunks, steps, weight_decay, stats, progress)
+        elif fused is not None:
+            fused(chunks, steps, weight_decay, stats, progress, **resumable)
         else:
-            visit_each_weight(engine, target, chunks, steps, weight_decay, stats, progress)
+            visit_each_weight(engine, target, chunks, steps, weight_decay, stats, progress, **resumable)
     finally:
         engine.end_sweep()
     stats.forward_samples = stats.visits * N_CANDIDATES * batch_size
@@ -131,18 +149,18 @@ class VisitRecorder:
 
 def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch.Tensor, steps: torch.Tensor,
                       weight_decay: float, stats: SweepStats, progress: Progress | None,
-                      report_every: int = 16) -> None:
+                      report_every: int = 16, start_visit: int = 0, checkpoint: Checkpoint | None = None) -> None:
     """The plain per-weight loop over ``engine.score`` / ``engine.commit``."""
     flat = target.parameter.data.view(-1)
     dtype = target.parameter.dtype
     recorder = VisitRecorder(stats, progress, engine.partition.batch_size, target.numel, report_every)
     steps_list, chunks_list = steps.tolist(), chunks.tolist()
-    for index in range(target.numel):
+    for index in range(start_visit, target.numel):
         chunk = chunks_list[index]
         current = flat[index].item()
         values = candidate_values(current, steps_list[index], weight_decay).to(dtype).to(torch.float64)
         losses = engine.score(index, values, chunk)
-        choice = select_candidate(losses)
+        choice = select_candidate(losses, values)
         if choice < 0:
             raise NonFiniteLossError(
                 f"every candidate loss is non-finite at {target.name}[{index}] (losses {losses.tolist()}); "
@@ -152,3 +170,5 @@ def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch
             flat[index] = chosen
             engine.commit(index, chosen, chunk)
         recorder.record(index, choice, losses[choice].item())
+        if checkpoint is not None:
+            checkpoint(index + 1, stats)
