@@ -8,7 +8,7 @@ RUNS ?= runs
 TORCH_CPU ?= torch==2.13.0
 
 .PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard bench clean help \
-	landscapes overparam compare batch-size depth ablations paper experiments-quick readme record-mnist-rso
+	landscapes overparam compare batch-size depth ablations paper experiments-quick readme record-mnist-rso faults
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -58,6 +58,9 @@ overparam: install ## optimization through an overparameterized network -> resul
 
 experiments-quick: install ## every experiment's --quick variant (seconds each; part of make test too)
 	$(PYTHON) -m pytest -q tests/test_experiments.py
+
+faults: install ## the fault-injection matrix (kills, signals, lock, full disk, damaged checkpoints) -> results/faults
+	$(PYTHON) -m experiments.faults $(ARGS)
 
 readme: install ## regenerate the README's results section from results/
 	$(PYTHON) -m experiments.readme_section --update-readme README.md

@@ -94,6 +94,8 @@ class RunFolderLock:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}\n".encode())
         self._descriptor: int | None = descriptor
+        for stale in self.folder.glob("*.tmp"):    # a half-written file of a writer killed with -9
+            stale.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Unlock; safe to call twice. (Exiting the process releases it too.)"""

@@ -142,22 +142,29 @@ def test_a_failed_write_leaves_no_tmp_and_the_old_file(tmp_path, monkeypatch):
 
 
 def test_a_real_full_file_system_when_one_can_be_mounted(tmp_path, data_dir, capsys):
-    """A 600 KB tmpfs (root only; elsewhere the patched-write cases above and in the matrix stand)."""
+    """A tmpfs filled up to half a checkpoint (root only; elsewhere the patched-write cases stand)."""
     import subprocess
 
     mount = tmp_path / "small"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
-        status = main([*TINY, "--data-dir", str(data_dir), "--run-dir", str(mount), "--name", "run",
-                       "--cycles", "40", "--model", "mlp", "--widths", "64"])
+        flags = [*TINY, "--data-dir", str(data_dir), "--run-dir", str(mount), "--name", "run", "--engine", "reference"]
+        assert main([*flags, "--cycles", "1"]) == 0
+        path = mount / "run" / "checkpoint.pt"
+        good = path.read_bytes()
+        stats = os.statvfs(mount)
+        (mount / "filler").write_bytes(bytes(stats.f_bavail * stats.f_frsize - len(good) // 2))
+        capsys.readouterr()
+        assert main(["--resume", str(mount / "run"), "--cycles", "2", "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert status == 2 and err.startswith("error: cannot write") and "disk full" in err and err.count("\n") == 1
-        assert not [path for path in (mount / "run").iterdir() if path.name.endswith(".tmp")]
-        if (mount / "run" / "checkpoint.pt").exists():
-            load_checkpoint(mount / "run")      # the last good one
+        assert err.startswith(f"error: cannot write checkpoint.pt in {mount / 'run'}: disk full (") and \
+            "the previous checkpoint.pt is kept" in err and err.count("\n") == 1, err
+        assert path.read_bytes() == good and not list((mount / "run").glob("*.tmp"))
+        (mount / "filler").unlink()
+        assert main(["--resume", str(mount / "run"), "--cycles", "2", "--no-progress"]) == 0
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 
@@ -237,3 +244,32 @@ def test_signals_mid_sweep_and_during_start_up(work, data_dir):
 
 def test_a_second_process_on_a_locked_folder(work, data_dir):
     assert_clean(faults.lock(work, data_dir))
+
+
+def test_a_read_only_run_folder_is_one_line(tmp_path, data_dir, capsys):
+    """Resuming into a read-only folder: one line, and no stray "Exception in thread" from a log writer."""
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    root = os.geteuid() == 0
+    if root and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                               capture_output=True).returncode != 0:
+        pytest.skip("root cannot be refused a write here without a read-only mount, and none can be made")
+    try:
+        flags = [*TINY, "--data-dir", str(data_dir), "--run-dir", str(mount), "--name", "run", "--engine", "reference"]
+        assert main([*flags, "--cycles", "1"]) == 0
+        capsys.readouterr()
+        if root:
+            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        else:
+            (mount / "run").chmod(0o555)
+        assert main(["--resume", str(mount / "run"), "--cycles", "2", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot use run folder") and err.count("\n") == 1, err
+        assert "Exception in thread" not in err
+    finally:
+        if root:
+            subprocess.run(["umount", str(mount)], check=False)
+        else:
+            (mount / "run").chmod(0o755)
