@@ -39,9 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 # A small run that still has sweeps of a few seconds under load: float64 so that the fast engine's rebuilt
 # caches decide as the incremental ones do; one thread so every process computes the same bits.
-RUN_FLAGS = ["--model", "convnet", "--depth", "2", "--channels", "3", "--train-subset", "1200", "--test-subset",
-             "300", "--batch-size", "200", "--bn-samples", "600", "--dtype", "float64", "--cycles", "2",
+RUN_FLAGS = ["--model", "convnet", "--depth", "2", "--channels", "3", "--train-subset", "600", "--test-subset",
+             "200", "--batch-size", "200", "--bn-samples", "400", "--dtype", "float64", "--cycles", "1",
              "--threads", "1", "--no-progress", "--no-download"]
+TIMEOUT = 1800   # seconds a launched run may take (a few on an idle machine; far more on a crowded one)
 STATUS_SIGNALED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -77,7 +78,7 @@ def launch(args: list[str], data_dir: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
     try:
         _, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -134,12 +135,13 @@ def one_line_error(tally: Tally, status, stderr: str, escaped, expect: str = "",
     return False
 
 
-def reference_run(work: Path, data_dir: Path) -> dict:
+def reference_run(work: Path, data_dir: Path, cycles: int = 1) -> dict:
     """The uninterrupted run every interrupted one must match, bit for bit (cached per work folder)."""
-    folder = work / "straight"
+    name = "straight" if cycles == 1 else f"straight-{cycles}"
+    folder = work / name
     if not (folder / "final.json").is_file():
-        status, err = finish(launch([*RUN_FLAGS, "--run-dir", str(work), "--name", "straight",
-                                     "--checkpoint-every", "1000"], data_dir))
+        status, err = finish(launch([*RUN_FLAGS, "--run-dir", str(work), "--name", name,
+                                     "--checkpoint-every", "1000", "--cycles", str(cycles)], data_dir))
         if status != 0:
             raise RuntimeError(f"the uninterrupted reference run failed ({status}): {err[-500:]}")
     return weights(folder)
@@ -166,7 +168,7 @@ def kills(work: Path, data_dir: Path, count: int = 4, seed: int = 0, every: floa
         # wait until the run has a checkpoint (most kills land in the sweeps), or kill during start-up
         start = time.monotonic()
         if rng.random() < 0.75:
-            while process.poll() is None and not (folder / "checkpoint.pt").is_file() and time.monotonic() - start < 300:
+            while process.poll() is None and not (folder / "checkpoint.pt").is_file() and time.monotonic() - start < TIMEOUT:
                 time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 2.5))
         process.send_signal(signal.SIGKILL)
@@ -200,13 +202,12 @@ def signals(work: Path, data_dir: Path, seed: int = 0) -> Tally:
     """SIGINT and SIGTERM mid-sweep: exit 130/143 with one line, a checkpoint taken after the signal (no
     work lost), and the resumed run ends with the reference weights. Then each signal during start-up."""
     tally = Tally("SIGINT/SIGTERM mid-sweep and during start-up")
-    expected = reference_run(work, data_dir)
     rng = random.Random(seed)
     for signum in (signal.SIGINT, signal.SIGTERM):
         name = f"signaled-{signum}-{seed}"
         folder = work / name
         args = [*RUN_FLAGS, "--run-dir", str(work), "--name", name, "--resume-if-exists", "--checkpoint-every", "1000"]
-        process = launch(args, data_dir)
+        process = launch([*args, "--cycles", "2"], data_dir)     # long enough to be signaled mid-run
         while process.poll() is None and not (folder / "checkpoint.pt").is_file():
             time.sleep(0.05)
         time.sleep(rng.uniform(0.2, 1.5))
@@ -225,11 +226,12 @@ def signals(work: Path, data_dir: Path, seed: int = 0) -> Tally:
             tally.add("lost", f"the last checkpoint predates the {signal.Signals(signum).name}")
         else:
             tally.add("ok")
-        status, err = finish(launch(args, data_dir))
+        status, err = finish(launch([*args, "--cycles", "2"], data_dir))
         if status != 0 or has_traceback(err):
             tally.add("traceback" if has_traceback(err) else "lost", f"resume: {status} {err[-300:]}")
         else:
-            tally.add("ok" if same_weights(expected, weights(folder)) else "lost", "resumed weights differ")
+            tally.add("ok" if same_weights(reference_run(work, data_dir, cycles=2), weights(folder)) else "lost",
+                      "resumed weights differ")
     for signum in (signal.SIGINT, signal.SIGTERM):   # during start-up: imports, data loading
         name = f"startup-{signum}-{seed}"
         process = launch([*RUN_FLAGS, "--run-dir", str(work), "--name", name], data_dir)
@@ -252,13 +254,13 @@ def lock(work: Path, data_dir: Path) -> Tally:
     tally = Tally("second run on a locked run folder")
     name = "locked"
     args = [*RUN_FLAGS, "--run-dir", str(work), "--name", name, "--resume-if-exists"]
-    first = launch(args, data_dir)
+    first = launch([*args, "--cycles", "3"], data_dir)      # long enough to be running when the others start
     lock_file = work / name / "run.lock"
     while first.poll() is None and not (lock_file.is_file() and lock_file.read_text().strip()):
         time.sleep(0.05)
     for extra in (["--seed", "1"], []):
         second = launch([*args, *extra], data_dir)
-        status, err = finish(second, timeout=120)
+        status, err = finish(second)
         if first.poll() is not None:
             tally.add("ok")     # the first run ended before the second tried: nothing to test
             continue
