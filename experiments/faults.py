@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # caches decide as the incremental ones do; one thread so every process computes the same bits.
 RUN_FLAGS = ["--model", "convnet", "--depth", "2", "--channels", "3", "--train-subset", "600", "--test-subset",
              "200", "--batch-size", "200", "--bn-samples", "400", "--dtype", "float64", "--cycles", "1",
-             "--threads", "1", "--no-progress", "--no-download"]
+             "--eval-every", "cycle", "--threads", "1", "--no-progress", "--no-download"]
 TIMEOUT = 1800   # seconds a launched run may take (a few on an idle machine; far more on a crowded one)
 STATUS_SIGNALED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -147,6 +147,11 @@ def reference_run(work: Path, data_dir: Path, cycles: int = 1) -> dict:
     return weights(folder)
 
 
+def checkpoint_mtime(folder: Path) -> float | None:
+    path = folder / "checkpoint.pt"
+    return path.stat().st_mtime if path.is_file() else None
+
+
 def checkpoint_age(folder: Path, moment: float) -> float | None:
     path = folder / "checkpoint.pt"
     return moment - path.stat().st_mtime if path.is_file() else None
@@ -164,13 +169,15 @@ def kills(work: Path, data_dir: Path, count: int = 4, seed: int = 0, every: floa
     folder = work / name
     mid_sweep = 0
     for _ in range(count):
+        before = checkpoint_mtime(folder)
         process = launch(args, data_dir)
-        # wait until the run has a checkpoint (most kills land in the sweeps), or kill during start-up
+        # wait until this process has written a checkpoint (so most kills land in the sweeps), or kill it
+        # during start-up
         start = time.monotonic()
         if rng.random() < 0.75:
-            while process.poll() is None and not (folder / "checkpoint.pt").is_file() and time.monotonic() - start < TIMEOUT:
+            while process.poll() is None and checkpoint_mtime(folder) == before and time.monotonic() - start < TIMEOUT:
                 time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 2.5))
+        time.sleep(rng.uniform(0.0, 1.5))
         process.send_signal(signal.SIGKILL)
         moment = time.time()
         status, err = finish(process)
