@@ -12,6 +12,7 @@ from rso.engines.base import (SEARCH_BN_MODES, ChunkPartition, FixedStatistics, 
 from rso.engines.fast import FastEngine
 from rso.engines.prefix import PrefixCacheEngine
 from rso.engines.reference import ReferenceEngine
+from rso.engines.sync_free import SyncFreeEngine
 
 # name -> (factory, one-line description)
 ENGINES: dict[str, tuple[Callable[..., ScoringEngine], str]] = {
@@ -19,6 +20,8 @@ ENGINES: dict[str, tuple[Callable[..., ScoringEngine], str]] = {
     "fast": (FastEngine, "cached lower layers, one-channel incremental deltas, numba CPU kernels; exact"),
     "prefix-cache": (PrefixCacheEngine, "cached input of the searched layer, every candidate forwarded from it "
                                         "(the authors' scheme; the bench's anchor); exact"),
+    "sync-free": (SyncFreeEngine, "the fast engine's scoring as device tensor ops: no host sync in a sweep, "
+                                  "CUDA graphs on CUDA; exact"),
 }
 
 
@@ -37,4 +40,5 @@ def make_engine(name: str, model: nn.Module | None = None, **options) -> Scoring
 
 
 __all__ = ["ENGINES", "SEARCH_BN_MODES", "ChunkPartition", "FastEngine", "FixedStatistics", "PrefixCacheEngine",
-           "ReferenceEngine", "ScoringEngine", "batch_statistics", "fixed_statistics", "make_engine", "summed_cross_entropy"]
+           "ReferenceEngine", "ScoringEngine", "SyncFreeEngine", "batch_statistics", "fixed_statistics", "make_engine",
+           "summed_cross_entropy"]
