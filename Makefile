@@ -8,7 +8,8 @@ RUNS ?= runs
 TORCH_CPU ?= torch==2.13.0
 
 .PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard bench clean help \
-	landscapes overparam compare batch-size depth ablations paper experiments-quick readme record-mnist-rso faults
+	landscapes overparam compare batch-size depth ablations paper experiments-quick readme record-mnist-rso faults \
+	gpu-data gpu-check
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -34,6 +35,14 @@ mnist-sgd: install ## the backprop baseline (SGD with momentum) on the same mode
 
 bench: install ## speed of the scoring engines side by side: fast 1 and N workers, prefix-cache, reference; memory
 	$(PYTHON) -m rso.bench $(ARGS)
+
+gpu-data: ## copy MNIST into ./data (gitignored), for a machine that gets the working tree but not ../shared
+	@mkdir -p data/MNIST/raw
+	@[ "$(RSO_DATA_DIR)" = "$(abspath data)" ] || cp -u $(RSO_DATA_DIR)/MNIST/raw/*.gz data/MNIST/raw/
+	@ls data/MNIST/raw
+
+gpu-check: ## the GPU path on one CUDA device in < 8 min: exactness, syncs, bench, paper cycles -> $OUT, else results/gpu
+	$(PYTHON) -m rso.gpu_check $(ARGS)
 
 compare: install ## experiment: RSO vs SGD vs Adam on the same model and data -> results/compare
 	$(PYTHON) -m experiments.compare $(ARGS)

@@ -84,11 +84,11 @@ def test_no_host_sync_inside_a_sweep(mnist):
     assert probe.calls == ["item", "__bool__", "__getitem__[bool]", "tolist", "__float__", "nonzero"]
     for target in visit_order(model)[:4]:     # dense head, conv weight, BN beta, BN gamma
         engine = SyncFreeEngine(report_every=10)
-        engine.host_reads = HostReads()
+        engine.watch = HostReads()
         reports = []
         stats = sweep(model, target, images, labels, engine, progress=lambda *report: reports.append(report))
         reads = -(-target.numel // 10)
-        assert engine.host_reads.calls == ["tolist"] * reads, target.name
+        assert engine.watch.calls == ["tolist"] * reads, target.name
         assert len(reports) == reads and sum(visits for visits, _, _ in reports) == stats.visits == target.numel
 
 

@@ -25,7 +25,7 @@ device flag that freezes every later visit, so the state when the host next read
 per-visit loop stops with its error (:class:`rso.search.loop.NonFiniteLossError`). The sweep's counts
 (accepted visits, loss sum, last loss, first failure) accumulate in one small device tensor that the host
 reads every ``report_every`` visits for progress: those reads are the only host-device synchronizations of
-a sweep (``HostReads`` counts them in the tests).
+a sweep (``HostReads`` counts them in the tests; ``make gpu-check`` counts them with CUDA's sync debug mode).
 
 The three candidates run the layers after the next one as one batch in a stacked layout: channels
 ``[k C, (k + 1) C)`` hold candidate ``k`` (convolutions with ``groups=3``, BN on 3C channels), so every
@@ -123,9 +123,10 @@ class SyncFreeEngine(ScoringEngine):
         if report_every < 1:
             raise ValueError(f"report_every must be positive, got {report_every}")
         self.graphs, self.report_every = graphs, report_every
-        self.host_reads: HostReads | None = None    # set to a HostReads() to record the syncs of run_sweep
+        self.watch: contextlib.AbstractContextManager | None = None   # wraps the visits of run_sweep (HostReads)
         self.graph_error: str | None = None          # why the last sweep ran without a graph, if it failed to capture
         self.graphs_replayed = 0
+        self.stop_after: int | None = None           # benchmarks: end a sweep after this many visits
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -416,7 +417,7 @@ class SyncFreeEngine(ScoringEngine):
 
         if self.slots is None:
             self._prepare(sorted(set(chunks.tolist())))
-        numel = self.target.numel
+        numel = self.target.numel if self.stop_after is None else min(self.stop_after, self.target.numel)
         self.table = self._visit_table(chunks)
         self.steps = steps.to(self.device, torch.float64)
         self.keep = 1.0 - weight_decay
@@ -432,8 +433,7 @@ class SyncFreeEngine(ScoringEngine):
         side = torch.cuda.Stream() if use_graphs else None
         run = self._visit
         reported = accepted_reported = 0
-        reads = self.host_reads if self.host_reads is not None else contextlib.nullcontext()
-        with reads:
+        with self.watch if self.watch is not None else contextlib.nullcontext():
             for visit in range(numel):
                 if use_graphs and visit < WARMUP_VISITS:
                     # warm-up visits on a side stream, as torch.cuda.graphs asks before a capture
