@@ -431,7 +431,7 @@ class SyncFreeEngine(ScoringEngine):
             raise ValueError("CUDA graphs need a CUDA device (use graphs='auto' or 'off')")
         self.graph_error, self._graph = None, None
         side = torch.cuda.Stream() if use_graphs else None
-        run = self._visit
+        run, replaying = self._visit, False
         reported = accepted_reported = 0
         with self.watch if self.watch is not None else contextlib.nullcontext():
             for visit in range(numel):
@@ -444,15 +444,13 @@ class SyncFreeEngine(ScoringEngine):
                 else:
                     if use_graphs and visit == WARMUP_VISITS:
                         try:
-                            run = self._capture()
+                            run, replaying = self._capture(), True
                         except Exception as error:      # noqa: BLE001 - captured or not, the visit is the same
                             if self.graphs == "on":
                                 raise
                             self.graph_error = f"{type(error).__name__}: {error}"
-                            run = self._visit
                     run()
-                    if run is not self._visit:
-                        self.graphs_replayed += 1
+                    self.graphs_replayed += replaying
                 if visit + 1 - reported >= self.report_every or visit == numel - 1:
                     values = self.stats.tolist()            # note: the progress read, a host-device sync
                     done = visit + 1
