@@ -454,7 +454,8 @@ def _stage_line(stage: str, result: dict) -> str:
         return ": " + "; ".join(
             f"{case['model']} float64 vs CPU {case['reference']}: {case['sweeps_identical']}/{case['sweeps_compared']} "
             f"sweeps identical ({case['visits_compared']} visits compared of {sum(r['visits'] for r in case['rows'])}), "
-            f"device cycle {case['device_cycle_seconds']} s" for case in result["cases"])
+            f"device cycle {case['device_cycle_seconds']} s" + (f" (FAILED: {case['error']})" if case.get("error") else "")
+            for case in result["cases"])
     if stage == "syncs":
         repeat = result["repeat"]
         return (f": host syncs only at progress reads: {result['syncs_only_at_progress_reads']}; a sweep run twice "
