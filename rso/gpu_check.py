@@ -54,13 +54,15 @@ def _stage_options(args) -> dict:
                 "sync_model": ("convnet", {"depth": 2, "channels": 2}), "sync_train": 120, "sync_batch": 40,
                 "bench_model": ("convnet", {"depth": 2, "channels": 2}), "bench_train": 200, "bench_batch": 100,
                 "bench_visits": (4, 12), "paper_model": ("convnet", {"depth": 1, "channels": 2}),
-                "paper_train": 200, "paper_test": 100, "paper_batch": 100, "paper_cycles": 1}
+                "paper_train": 200, "paper_test": 100, "paper_batch": 100, "paper_cycles": 1,
+                "paper_config": {"model": "convnet", "depth": 1, "channels": 2, "batch_size": 100, "cycles": 1,
+                                 "train_subset": 200, "test_subset": 100, "bn_samples": 200}}
     return {"exact_cases": [("oneconv", {}, 2000, 250, "reference", 30),
                             ("paper6", {}, 3000, 1000, "fast", 45)],
             "sync_model": ("paper6", {}), "sync_train": 3000, "sync_batch": 1000,
             "bench_model": ("paper6", {}), "bench_train": None, "bench_batch": 5000, "bench_visits": (16, 80),
             "paper_model": ("paper6", {}), "paper_train": None, "paper_test": None, "paper_batch": 5000,
-            "paper_cycles": 50}
+            "paper_cycles": 50, "paper_config": {"model": "paper6", "batch_size": 5000, "cycles": 50}}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -342,6 +344,39 @@ def stage_rso_bench(args, options, seconds) -> dict:
 
 
 def stage_paper(args, options, seconds) -> dict:
+    """The paper configuration run by ``rso.train``'s Trainer (its ``authors`` preset where it has one) with the
+    sync-free engine, evaluated every cycle, until ``seconds`` run out; without tqdm/tensorboard on the machine,
+    the same search by a plain loop."""
+    try:
+        from rso.train import Trainer
+    except ImportError as error:
+        result = _paper_loop(args, options, seconds)
+        result["trainer_unavailable"] = f"{type(error).__name__}: {error}"
+        return result
+    from dataclasses import fields
+
+    import rso.config
+    presets = getattr(rso.config, "PRESETS", {})
+    preset = {} if args.quick or "authors" not in presets else {**presets["authors"], "preset": "authors"}
+    wanted = {**options["paper_config"], **preset, "engine": "sync-free", "device": args.device, "eval_every": "cycle",
+              "max_seconds": max(seconds - 45, 5), "run_dir": str(Path(args.out) / "runs"), "name": "paper",
+              "progress": False, "data_dir": str(args.data_dir), "download": False, "threads": args.threads}
+    names = {field.name for field in fields(rso.config.TrainConfig)}
+    config = rso.config.TrainConfig(**{key: value for key, value in wanted.items() if key in names and value is not None})
+    trainer = Trainer(config)
+    metrics = trainer.run()
+    cycles, previous = [], 0.0
+    for entry in metrics.get("history", []):
+        cycles.append({"cycle": int(entry.get("cycle", len(cycles))) + 1, "complete": True,
+                       "search_seconds": round(entry["seconds"] - previous, 2), "seconds_total": entry["seconds"],
+                       "accepted_total": entry.get("accepted"), "train_loss": entry.get("train_loss"),
+                       "test_accuracy": entry["test_accuracy"], "test_loss": entry.get("test_loss")})
+        previous = entry["seconds"]
+    return {"runner": "rso.train.Trainer", "config": {key: value for key, value in config.__dict__.items()},
+            "final": {key: value for key, value in metrics.items() if key != "history"}, "cycles": cycles}
+
+
+def _paper_loop(args, options, seconds) -> dict:
     """The paper configuration with the sync-free engine until ``seconds`` run out; written after every cycle."""
     import torch
     from rso.config import TrainConfig
@@ -402,6 +437,7 @@ def stage_paper(args, options, seconds) -> dict:
 def run_stage(args) -> int:
     """``--stage NAME``: one stage in this process; its result goes to ``<out>/<stage>.json``."""
     options = _stage_options(args)
+    os.environ["RSO_CUDA_GRAPHS"] = args.graphs       # engines built without an explicit setting (the Trainer's)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Callable
 
 import torch
@@ -111,13 +112,15 @@ def _pads(layer: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
 class SyncFreeEngine(ScoringEngine):
     """Exact incremental scoring with every visit on the device; see the module docstring.
 
-    ``graphs``: ``auto`` (CUDA graphs on CUDA), ``on`` (CUDA graphs, an error elsewhere) or ``off``.
+    ``graphs``: ``auto`` (CUDA graphs on CUDA), ``on`` (CUDA graphs, an error elsewhere) or ``off``; by default
+    ``$RSO_CUDA_GRAPHS``, else ``auto``.
     ``report_every``: visits between two progress reads (the only host-device syncs of a sweep).
     """
 
     name = "sync-free"
 
-    def __init__(self, graphs: str = "auto", report_every: int = 256):
+    def __init__(self, graphs: str | None = None, report_every: int = 256):
+        graphs = graphs or os.environ.get("RSO_CUDA_GRAPHS") or "auto"
         if graphs not in GRAPHS:
             raise ValueError(f"unknown graphs setting {graphs!r}; choose one of {', '.join(GRAPHS)}")
         if report_every < 1:
@@ -134,11 +137,13 @@ class SyncFreeEngine(ScoringEngine):
 
     # ----------------------------------------------------------------------------------------- sweep state
     def begin_sweep(self, model: nn.Module, target: SearchTarget, images: torch.Tensor, labels: torch.Tensor,
-                    partition: ChunkPartition) -> None:
+                    partition: ChunkPartition, fixed: dict | None = None) -> None:
+        """``fixed``: BN layers below the target that normalize with given statistics (see ``batch_statistics``)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the sync-free engine cannot score this model: {reason}; use --engine reference or auto")
         super().begin_sweep(model, target, images, labels, partition)
+        self.fixed = fixed or {}
         self.plan = plan_sweep(model, target)
         self.layer = self.plan.layers[self.plan.searched]
         self.device, self.dtype = images.device, target.parameter.dtype
@@ -172,7 +177,8 @@ class SyncFreeEngine(ScoringEngine):
         self.n = n = len(used)
         self.batch = batch = self.partition.batch_size
         inputs, outputs = [], []
-        with batch_statistics(self.model):
+        # the layers below the searched one: each chunk's statistics, or the fixed ones where given
+        with batch_statistics(self.model, self.fixed) if self.fixed else batch_statistics(self.model):
             for chunk in used:
                 x = self.images[self.partition.indices(chunk)]
                 for module in plan.layers[:plan.searched]:
