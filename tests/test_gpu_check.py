@@ -45,3 +45,17 @@ def test_gpu_check_without_data_is_one_clear_line(tmp_path):
                      data_dir=tmp_path)
     assert done.returncode == 2
     assert f"no MNIST in {tmp_path / 'none'}/MNIST/raw" in done.stderr.strip().splitlines()[-1]
+
+
+def test_paper_loop_where_the_trainer_cannot_be_imported(tmp_path, data_dir):
+    """The paper stage's fallback (a machine without tqdm/tensorboard): the same search, cycle rows kept."""
+    import argparse
+
+    from rso import gpu_check
+
+    args = argparse.Namespace(out=str(tmp_path), device="cpu", data_dir=str(data_dir), graphs="auto", quick=True,
+                              threads=1, stage="paper")
+    result = gpu_check._paper_loop(args, gpu_check._stage_options(args), 300)
+    assert [row["cycle"] for row in result["cycles"]] == [1] and result["cycles"][0]["complete"]
+    assert result["cycles"][0]["visits"] == 42 and 0 <= result["cycles"][0]["test_accuracy"] <= 1
+    assert json.loads((tmp_path / "paper.partial.json").read_text())["cycles"] == result["cycles"]
