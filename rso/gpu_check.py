@@ -331,7 +331,9 @@ def stage_bench(args, options) -> dict:
 
 def stage_rso_bench(args, options, seconds) -> dict:
     output = Path(args.out) / "rso_bench"
-    command = [sys.executable, "-m", "rso.bench", "--device", args.device, "--models", "paper6", "--output", str(output)]
+    # one worker: the multi-process fast engine is the distributed issue's (NCCL across ranks on one GPU is not the point)
+    command = [sys.executable, "-m", "rso.bench", "--device", args.device, "--models", "paper6", "--workers", "1",
+               "--output", str(output)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(seconds - 5, 5),
                               env={**os.environ, "RSO_DATA_DIR": str(args.data_dir)})
