@@ -144,6 +144,9 @@ def test_registry_and_options():
         SyncFreeEngine(graphs="always")
     with pytest.raises(ValueError, match="report_every"):
         SyncFreeEngine(report_every=0)
+    from rso.distributed import World
+    with pytest.raises(ValueError, match="scores in one process"):
+        make_engine("sync-free", build_model("oneconv"), world=World(rank=0, size=2))
     unsupported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
     assert not SyncFreeEngine.supports(unsupported)
 

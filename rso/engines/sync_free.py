@@ -119,7 +119,10 @@ class SyncFreeEngine(ScoringEngine):
 
     name = "sync-free"
 
-    def __init__(self, graphs: str | None = None, report_every: int = 256):
+    def __init__(self, graphs: str | None = None, report_every: int = 256, world=None):
+        if world is not None and world.size > 1:
+            raise ValueError("the sync-free engine scores in one process; several workers (--workers, torchrun) "
+                             "need the fast or prefix-cache engine")
         graphs = graphs or os.environ.get("RSO_CUDA_GRAPHS") or "auto"
         if graphs not in GRAPHS:
             raise ValueError(f"unknown graphs setting {graphs!r}; choose one of {', '.join(GRAPHS)}")
