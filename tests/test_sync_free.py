@@ -161,3 +161,23 @@ def test_graphs_on_needs_cuda(mnist):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         sweep(model, target, images, labels, SyncFreeEngine(graphs="on"))
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_full_cycle_identical_with_bn_fixed_below(mnist):
+    """The authors' BN handling (statistics of the first images fixed below the searched layer): one cycle,
+    identical decisions and weights."""
+    images, labels = mnist
+    images = images.double()
+    results = []
+    for engine_name in ("reference", "sync-free"):
+        model = randomize(authors_structure(), seed=6).double()
+        generator, accepted = torch.Generator().manual_seed(8), []
+        for target in visit_order(model):
+            stats = run_sweep(model, target, images, labels, make_engine(engine_name, model), sigma=target.sigma,
+                              batch_size=32, sampler=gaussian_steps, generator=generator, weight_decay=1e-4,
+                              fixed_bn_images=images[:40])
+            accepted.append(stats.accepted)
+        results.append((accepted, model.state_dict()))
+    assert results[0][0] == results[1][0] and sum(results[0][0]) > 0
+    for key, value in results[0][1].items():
+        assert torch.equal(value, results[1][1][key]), key
