@@ -392,7 +392,7 @@ class SyncFreeEngine(ScoringEngine):
         values = torch.cat([start, start + step, start - step]).to(self.dtype)
         basis = self._basis(source, offset)
         losses = self._losses(element, channel, source, offset, slot, cache_row, values, current, basis)
-        finite = torch.isfinite(losses)
+        finite = torch.isfinite(losses) & torch.isfinite(values)   # select_candidate's rule
         masked = torch.where(finite, losses, self.infinity)
         choice = torch.argmin(masked).view(1)
         alive = self.stats[7:8] > 0
