@@ -86,10 +86,12 @@ class _Chunk:
 
     inputs: torch.Tensor          # X: input of the searched layer
     labels: torch.Tensor
-    next_output: torch.Tensor     # Q: output of the next linear layer (or the logits)
+    next_output: torch.Tensor     # Q: output of the next linear layer (or the logits), see ``in_next``
     channel: int = -1             # the channel whose block output ``block_output`` holds
     block_output: torch.Tensor | None = None     # A: (B, 1, ...) for ``channel``, current weights
     preactivation: torch.Tensor | None = None    # P: (B, 1, ...) for ``channel``, current weights
+    in_next: torch.Tensor | None = None          # the block output of ``channel`` that Q includes (deferred)
+    span: tuple[int, int] = (0, 1)               # (offset, size) of ``channel`` in the next layer's input
     synced: int = 0               # length of the change log the caches include
     current_loss: float | None = None   # the chunk's loss under the weights of log length ``loss_version``
     loss_version: int = -1
@@ -345,37 +347,56 @@ class FastEngine(ScoringEngine):
 
     @torch.no_grad()
     def _sync(self, state: _Chunk, chunk: int, channel: int) -> None:
-        """Bring the chunk's caches up to the current weights and onto ``channel``."""
+        """Bring the chunk's caches up to the current weights and onto ``channel``.
+
+        The next layer's output Q follows the searched channel lazily: while the chunk stays on a channel,
+        accepted steps change only its preactivation and block output, and candidates are scored against Q
+        plus the change from ``in_next`` (what Q includes) to the candidate; Q catches up, in one one-channel
+        pass, when the chunk moves to another channel (``_flush``). Exact: the next layer is linear.
+        """
         current = self.target.parameter.detach()
-        pending = list(dict.fromkeys(change.channel for change in self.log[state.synced:]))
-        for changed in pending:
-            if changed == state.channel and state.preactivation is not None and \
-                    not isinstance(self.layer, BATCHNORMS):
-                # the cached channel: add the accepted steps to its preactivation, as score() does for a
-                # candidate (a fresh one-channel convolution costs far more at 28x28)
-                old, pre = state.block_output, state.preactivation
-                for change in self.log[state.synced:]:
-                    if change.channel == changed:
-                        pre = pre + change.step * self._basis(state.inputs, change.index)
-                new, offset, size = self._block(pre, changed, None)
-            else:
-                if changed == state.channel:
-                    old = state.block_output
-                elif self.first_change[changed] >= state.synced:
-                    old = self._channel_output(state, changed, self.start)[0]
-                else:   # the channel changed before and after the last sync (not row-major order): start over
-                    del self.chunks[chunk]
-                    fresh = self._chunk(chunk)
-                    state.__dict__.update(fresh.__dict__)
-                    self.chunks[chunk] = state
-                    break
+        pending = self.log[state.synced:]
+        for changed in dict.fromkeys(change.channel for change in pending):
+            if changed == state.channel and state.block_output is not None:
+                if isinstance(self.layer, BATCHNORMS):
+                    state.block_output = self._channel_output(state, changed, current)[0]
+                else:
+                    # add the accepted steps to the cached preactivation, as score() does for a candidate
+                    # (a fresh one-channel convolution costs far more at 28x28)
+                    pre = state.preactivation
+                    for change in pending:
+                        if change.channel == changed:
+                            pre = pre + change.step * self._basis(state.inputs, change.index)
+                    state.preactivation = pre
+                    state.block_output = self._block(pre, changed, None)[0]
+            elif self.first_change[changed] >= state.synced:
+                # Q holds this channel as the sweep found it
+                self._flush(state)
+                old = self._channel_output(state, changed, self.start)[0]
                 new, pre, offset, size = self._channel_output(state, changed, current)
-            state.next_output = self._through_next(state.next_output, old, new, changed, offset, size, True)[0]
-            state.channel, state.block_output, state.preactivation = changed, new, pre
+                state.channel, state.in_next, state.block_output, state.preactivation = changed, old, new, pre
+                state.span = (offset, size)
+            else:   # the channel changed before and after the last sync (not row-major order): start over
+                del self.chunks[chunk]
+                fresh = self._chunk(chunk)
+                state.__dict__.update(fresh.__dict__)
+                self.chunks[chunk] = state
+                break
         if state.channel != channel or state.block_output is None:
-            state.block_output, state.preactivation = self._channel_output(state, channel, current)[:2]
-            state.channel = channel
+            self._flush(state)
+            new, pre, offset, size = self._channel_output(state, channel, current)
+            state.channel, state.in_next, state.block_output, state.preactivation = channel, new, new, pre
+            state.span = (offset, size)
         state.synced = len(self.log)
+
+    @torch.no_grad()
+    def _flush(self, state: _Chunk) -> None:
+        """Bring the next layer's output up to the cached channel's current block output."""
+        if state.block_output is not None and state.in_next is not state.block_output:
+            offset, size = state.span
+            state.next_output = self._through_next(state.next_output, state.in_next, state.block_output,
+                                                   state.channel, offset, size, True)[0]
+        state.in_next = state.block_output
 
     @torch.no_grad()
     def _candidate_loss(self, state: _Chunk, out: torch.Tensor, k: int, channel: int, offset: int,
@@ -384,7 +405,7 @@ class FastEngine(ScoringEngine):
 
         One candidate at a time, so only one copy of the next layer's output is alive (memory).
         """
-        next_output = self._through_next(state.next_output, state.block_output, out[:, k:k + 1], channel,
+        next_output = self._through_next(state.next_output, state.in_next, out[:, k:k + 1], channel,
                                          offset, size)[0]
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.suffix_precision == "bfloat16"
                     else torch.autocast(self.device.type, enabled=False))
@@ -467,13 +488,10 @@ class FastEngine(ScoringEngine):
             k = last[2].index(value)
             state = self.chunks[chunk]
             if state.synced == len(self.log) - 1:   # the caches were current when scored: take the candidate's
-                new = last[3][:, k:k + 1].clone()
-                with torch.no_grad():
-                    state.next_output = self._through_next(state.next_output, state.block_output, new, channel,
-                                                           last[6], last[7], True)[0]
-                state.block_output = new
+                # (the next layer's output follows when the chunk leaves the channel, see _sync)
+                state.block_output = last[3][:, k:k + 1].clone()
                 state.preactivation = last[4][:, k:k + 1].clone()
-                state.channel, state.synced = channel, len(self.log)
+                state.synced = len(self.log)
                 state.current_loss, state.loss_version = last[5][k].item(), len(self.log)
 
     def run_sweep(self, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress,
