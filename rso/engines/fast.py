@@ -147,6 +147,7 @@ class FastEngine(ScoringEngine):
         self._numba_path = self.use_numba() and self.suffix_precision is None
         spatial_suffix = isinstance(self.plan.next_layer, nn.Conv2d)
         self._suffix = group_channel_ops(self.plan.suffix) if self._numba_path and spatial_suffix else list(self.plan.suffix)
+        self._fused_pool = self._moments_with_next_conv()
         if isinstance(self.layer, nn.Conv2d) and target.kind == "weight":
             _, fan_in, height, width = self.layer.weight.shape
             self._per_channel = fan_in * height * width
@@ -154,6 +155,22 @@ class FastEngine(ScoringEngine):
             self._per_channel = self.layer.in_features
         else:
             self._per_channel = 1
+
+    def _moments_with_next_conv(self) -> str | None:
+        """Whether a candidate's next-conv pass also sums the moments of the BN after it (numba path):
+        ``"none"`` when the BN takes the conv output, ``"avg2"`` when a 2x2 average pooling sits between,
+        ``None`` when the moments stay a pass of their own."""
+        from rso.engines import fused
+        layer, suffix = self.plan.next_layer, self._suffix
+        if not (self._numba_path and isinstance(layer, nn.Conv2d) and fused.fits(layer) and suffix):
+            return None
+        first = suffix[0]
+        if isinstance(first, ChannelOps) and first.batchnorm is not None:
+            return "none"
+        if (isinstance(first, ChannelOps) and first.batchnorm is None and not first.relu and first.pool == "avg2"
+                and len(suffix) > 1 and isinstance(suffix[1], ChannelOps) and suffix[1].batchnorm is not None):
+            return "avg2"
+        return None
 
     def end_sweep(self) -> None:
         self.chunks = {}
@@ -325,8 +342,12 @@ class FastEngine(ScoringEngine):
             out[:, :, offset:offset + size] = new.transpose(0, 1)
             return out
         if isinstance(layer, nn.Conv2d) and self._numba_path and count == 1 and isinstance(layer.padding, tuple):
+            from rso.engines import fused
             from rso.engines.kernels import add_one_channel_conv
             out = next_output if update else self._buffer("next", next_output.shape)
+            if fused.fits(layer):
+                fused.next_conv(next_output, new, old, layer, channel, out)
+                return out.unsqueeze(0)
             return add_one_channel_conv(next_output, new, old, layer, channel, out).unsqueeze(0)
         delta = new - old
         if isinstance(layer, nn.Conv2d):
@@ -405,16 +426,24 @@ class FastEngine(ScoringEngine):
 
         One candidate at a time, so only one copy of the next layer's output is alive (memory).
         """
-        next_output = self._through_next(state.next_output, state.in_next, out[:, k:k + 1], channel,
-                                         offset, size)[0]
+        moments = None
+        if self._fused_pool is not None:   # the next conv's pass also sums the moments of the BN after it
+            from rso.engines import fused
+            next_output = self._buffer("next", state.next_output.shape)
+            moments = fused.next_conv(state.next_output, out[:, k:k + 1], state.in_next, self.plan.next_layer,
+                                      channel, next_output, self._fused_pool)
+        else:
+            next_output = self._through_next(state.next_output, state.in_next, out[:, k:k + 1], channel,
+                                             offset, size)[0]
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.suffix_precision == "bfloat16"
                     else torch.autocast(self.device.type, enabled=False))
         with autocast:
-            logits = self._run_suffix(next_output)
+            logits = self._run_suffix(next_output, moments)
         return summed_cross_entropy(logits, state.labels).item()
 
-    def _run_suffix(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_suffix(self, x: torch.Tensor, moments=None) -> torch.Tensor:
         """The layers after the next linear layer, BN on this batch's statistics; ``x`` is left unchanged.
+        ``moments``: those of the first BN's input, when the next conv's pass computed them.
 
         Convolutions run in channels-last layout (about twice the rate of NCHW for 16-channel 3x3 convs on
         CPU); the values are the same up to rounding.
@@ -423,8 +452,10 @@ class FastEngine(ScoringEngine):
         for position, layer in enumerate(self._suffix):
             if isinstance(layer, ChannelOps):
                 from rso.engines.kernels import channel_ops
-                x, owned = channel_ops(x, layer, lambda shape, key=f"suffix{position}": self._buffer(key, shape),
-                                       self.world.combine_moments), True
+                given, moments = (moments, None) if layer.batchnorm is not None else (None, moments)
+                x = channel_ops(x, layer, lambda shape, key=f"suffix{position}": self._buffer(key, shape),
+                                self.world.combine_moments, given)
+                owned = True
                 continue
             if isinstance(layer, nn.ReLU) and owned:
                 x = F.relu_(x)

@@ -320,30 +320,20 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
-def channel_ops(x: torch.Tensor, ops, buffer=None, combine_moments=None) -> torch.Tensor:
+def channel_ops(x: torch.Tensor, ops, buffer=None, combine_moments=None, moments=None) -> torch.Tensor:
     """Run a :class:`rso.engines.plan.ChannelOps` group (BN with batch statistics, ReLU, pooling) on the
     (N, C, H, W) tensor ``x``; returns a channels-last (N, C, H', W') tensor. Same values as the PyTorch
     layers up to rounding. ``buffer(shape)``, when given, supplies the (channels-last) output tensor.
     ``combine_moments(count, mean, variance)``, when given, turns this process's BN statistics into the whole
-    chunk's (:meth:`rso.distributed.World.combine_moments`)."""
+    chunk's (:meth:`rso.distributed.World.combine_moments`). ``moments``: this process's ``(sums, shift,
+    count)`` when already computed (by :func:`batch_moments` or a fused kernel); the moments pass is skipped."""
     source = _nhwc(x)
     n, height, width, c = source.shape
     array = source.numpy()
     if ops.batchnorm is not None:
-        layer = ops.batchnorm
-        sums, shift = _channel_moments(array.reshape(n, height * width, c), numba.get_num_threads())
-        count = n * height * width
-        first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
-        mean = shift + first
-        variance = np.maximum(second - first * first, 0.0)
-        if combine_moments is not None:
-            mean, variance = combine_moments(count, mean, variance)
-        scale = 1.0 / np.sqrt(variance + layer.eps)
-        if layer.weight is not None:
-            scale = scale * layer.weight.detach().cpu().double().numpy()
-        bias = -mean * scale
-        if layer.bias is not None:
-            bias = bias + layer.bias.detach().cpu().double().numpy()
+        if moments is None:
+            moments = batch_moments(x)
+        scale, bias = batchnorm_affine(ops.batchnorm, *moments, combine_moments=combine_moments)
     else:
         scale, bias = np.ones(c), np.zeros(c)
     pool = POOL_CODES[ops.pool]
@@ -352,6 +342,33 @@ def channel_ops(x: torch.Tensor, ops, buffer=None, combine_moments=None) -> torc
     out = buffer(shape) if buffer is not None else torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last)
     _affine_relu_pool(array, scale.astype(array.dtype), bias.astype(array.dtype), ops.relu, pool, _nhwc(out).numpy())
     return out
+
+
+def batch_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel ``(sums (parts, 2, C), shift (C,), count)`` of the (N, C, H, W) tensor ``x``: sums of
+    ``x - shift`` and of its square over the examples and pixels (see :func:`_channel_moments`)."""
+    source = _nhwc(x)
+    n, height, width, c = source.shape
+    sums, shift = _channel_moments(source.numpy().reshape(n, height * width, c), numba.get_num_threads())
+    return sums, shift, n * height * width
+
+
+def batchnorm_affine(layer, sums: np.ndarray, shift: np.ndarray, count: int,
+                     combine_moments=None) -> tuple[np.ndarray, np.ndarray]:
+    """BN with batch statistics as ``x * scale + bias`` per channel, from the moments of its input
+    (``combine_moments``: see :func:`channel_ops`)."""
+    first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
+    mean = shift + first
+    variance = np.maximum(second - first * first, 0.0)
+    if combine_moments is not None:
+        mean, variance = combine_moments(count, mean, variance)
+    scale = 1.0 / np.sqrt(variance + layer.eps)
+    if layer.weight is not None:
+        scale = scale * layer.weight.detach().cpu().double().numpy()
+    bias = -mean * scale
+    if layer.bias is not None:
+        bias = bias + layer.bias.detach().cpu().double().numpy()
+    return scale, bias
 
 
 def add_one_channel_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, channel: int,

@@ -1,0 +1,143 @@
+"""The fast engine's single-process speedups: each against the plain reference or the PyTorch operators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rso.engines import FastEngine, make_engine
+from rso.engines.fast import FastEngine as _FastEngine
+from rso.models import he_init_
+from rso.search.candidates import gaussian_steps
+from rso.search.loop import run_sweep
+from rso.search.visit import visit_order
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def conv_net() -> nn.Sequential:
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(4, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 10))
+    return he_init_(model, torch.Generator().manual_seed(3)).double()
+
+
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_next_layer_output_follows_once_per_channel(kernels, monkeypatch):
+    """Accepted steps leave the next layer's cached output behind until the chunk moves to another channel:
+    one update per channel left, not one per accepted step, with the reference's decisions and weights."""
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(40, 1, 8, 8, generator=generator, dtype=torch.float64), torch.arange(40) % 10
+    updates = []
+    through_next = _FastEngine._through_next
+
+    def counting(self, *args, **kwargs):
+        if kwargs.get("update") or (len(args) > 6 and args[6]):
+            updates.append(1)
+        return through_next(self, *args, **kwargs)
+
+    monkeypatch.setattr(_FastEngine, "_through_next", counting)
+    results = {}
+    for engine_name in ("reference", "fast"):
+        model = conv_net()
+        target = next(t for t in visit_order(model) if t.name == "0.weight")   # the first conv: 3 channels x 9
+        engine = make_engine(engine_name, model, **({"kernels": kernels} if engine_name == "fast" else {}))
+        updates.clear()
+        stats = run_sweep(model, target, images, labels, engine, sigma=target.sigma * 3, batch_size=40,
+                          sampler=gaussian_steps, generator=torch.Generator().manual_seed(1), chunking="per-sweep")
+        results[engine_name] = (stats.accepted, model[0].weight.detach().clone(), len(updates))
+    accepted, weights, count = results["fast"]
+    assert accepted == results["reference"][0] and torch.equal(weights, results["reference"][1])
+    assert accepted > 6 and count <= 2     # one chunk, 3 channels: at most two moves
+
+
+# ------------------------------------------------------------------------------------ fused numba kernels
+numba_only = pytest.mark.skipif(not __import__("rso.engines.kernels", fromlist=["available"]).available(),
+                                reason="numba is not installed")
+
+
+def one_channel_change(dtype, kernel=3, padding=1, dilation=1, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Conv2d(4, 6, kernel, padding=padding, dilation=dilation, bias=True).to(dtype)
+    inputs = torch.randn(7, 4, 10, 12, generator=generator, dtype=dtype)
+    new = inputs[:, 2:3] + torch.randn(7, 1, 10, 12, generator=generator, dtype=dtype)
+    new[:, :, ::2] = inputs[:, 2:3, ::2]          # unchanged pixels: zero change
+    changed = inputs.clone()
+    changed[:, 2:3] = new
+    with torch.no_grad():
+        base = layer(inputs).contiguous(memory_format=torch.channels_last)
+        expected = layer(changed)
+    return layer, base, new, inputs[:, 2:3], expected
+
+
+@numba_only
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("kernel, padding, dilation", [(3, 1, 1), (3, 0, 1), (3, 2, 2), (1, 0, 1), ((3, 2), (0, 1), 1)])
+def test_next_conv_equals_torch_and_the_unfused_kernel(kernel, padding, dilation, dtype, rtol):
+    from rso.engines import fused, kernels
+
+    layer, base, new, old, expected = one_channel_change(dtype, kernel, padding, dilation)
+    assert fused.fits(layer)
+    out = torch.empty_like(base)
+    assert fused.next_conv(base, new, old, layer, 2, out) is None
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=rtol)
+    # the same taps in the same order as the stencil it replaces: bit-identical
+    assert torch.equal(out, kernels.add_one_channel_conv(base, new, old, layer, 2))
+    # in place, as a chunk's cache is updated
+    copy = base.clone()
+    fused.next_conv(copy, new, old, layer, 2, copy)
+    assert torch.equal(copy, out)
+
+
+@numba_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pool", ["none", "avg2"])
+def test_next_conv_moments_equal_the_moments_pass(pool, dtype):
+    """The moments computed while the conv output is written are those of the separate pass (bit for bit),
+    and BN normalized with them equals torch's (after 2x2 average pooling for ``avg2``)."""
+    from rso.engines import fused, kernels
+    from rso.engines.plan import group_channel_ops
+
+    layer, base, new, old, expected = one_channel_change(dtype)
+    out = torch.empty_like(base)
+    sums, shift, count = fused.next_conv(base, new, old, layer, 2, out, pool=pool)
+    pooled = out if pool == "none" else nn.AvgPool2d(2)(out)
+    reference_sums, reference_shift, reference_count = kernels.batch_moments(
+        kernels.channel_ops(out, group_channel_ops([nn.AvgPool2d(2)])[0]) if pool == "avg2" else out)
+    assert count == reference_count == pooled.shape[0] * pooled.shape[2] * pooled.shape[3]
+    assert np_equal(shift, reference_shift) and np_equal(sums, reference_sums)
+    bn = nn.BatchNorm2d(6).to(dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, 6))
+        bn.bias.copy_(torch.linspace(-0.3, 0.3, 6))
+    ops = group_channel_ops([bn, nn.ReLU()])[0]
+    got = kernels.channel_ops(kernels.channel_ops(out, group_channel_ops([nn.AvgPool2d(2)])[0]) if pool == "avg2"
+                              else out, ops, moments=(sums, shift, count))
+    want = torch.relu(torch.nn.functional.batch_norm(pooled, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want.detach(), rtol=tolerance, atol=tolerance)
+
+
+def np_equal(a, b) -> bool:
+    import numpy as np
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+@numba_only
+def test_next_conv_rejects_layouts():
+    from rso.engines import fused
+
+    layer, base, new, old, _ = one_channel_change(torch.float64)
+    with pytest.raises(ValueError, match="channels-last"):
+        fused.next_conv(base, new, old, layer, 2, torch.empty(base.shape, dtype=base.dtype))
+    with pytest.raises(ValueError, match="not fused"):
+        fused.next_conv(base, new, old, layer, 2, torch.empty_like(base), pool="max2")
+    assert not fused.fits(nn.Conv2d(2, 2, 3, stride=2)) and not fused.fits(nn.Conv2d(2, 2, 3, padding="same"))
