@@ -16,14 +16,18 @@ changes channel ``c`` only, up to the next linear layer ``n``::
     F(v)  = CE(suffix(Q_v))                       the layers after n, once per candidate, in full
 
 which equals the full forward pass up to rounding (float64: ~1e-15 relative). Accepted changes update the
-visited chunk's caches at once and the other chunks lazily, from a log of changed channels, when they are
-next visited. BN always uses the chunk's batch statistics (never the running ones), as in the reference.
+visited chunk's P and A at once and the other chunks' lazily, from a log of changed channels, when they are
+next visited. Q lags behind: it holds channel ``c`` as ``A_q`` (an earlier A), candidates use
+``Q_v = Q_k + n(A_v - A_q)``, and Q catches up (``+= n(A_c - A_q)``, one pass) only when the chunk moves to
+another channel, not on every accepted step. BN always uses the chunk's batch statistics (never the running
+ones), as in the reference.
 
 The output layer is the closed-form special case (``z_c += (v - w) x_i``, O(batch x classes) per visit); on
 CPU its whole sweep runs inside one numba function (``rso.engines.kernels``), with the same decisions as the
 per-visit loop. On CPU, numba kernels also feed the next conv its one-channel change (a stencil added to the
-cached output, in place for a chunk's cache) and run each BN -> ReLU -> pooling group of the suffix in two
-passes over a channels-last tensor. Everything else is PyTorch operators, so the same code runs on CUDA;
+cached output, in place for a chunk's cache; for a candidate it also sums the moments of the BN after it,
+``rso.engines.fused``) and run each BN -> ReLU -> pooling group of the suffix in two passes over a
+channels-last tensor (one when the moments came with the stencil). Everything else is PyTorch operators, so the same code runs on CUDA;
 ``kernels="torch"`` selects that path on CPU too.
 
 Within a channel, a chunk's cached preactivation follows accepted changes by adding their steps (``P +=
