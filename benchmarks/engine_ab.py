@@ -81,17 +81,29 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def export_revision(revision: str, folder: Path) -> Path:
-    """The ``rso`` package of ``revision`` under ``folder`` (git archive)."""
-    archive = subprocess.run(["git", "archive", revision, "rso"], cwd=ROOT, check=True, capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(folder, filter="data")
-    return folder
+    """The ``rso`` package of ``revision`` (git archive), kept under the system's temporary folder by commit
+    so that a later run reuses its compiled numba kernels (``folder`` is unused then)."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    kept = Path(tempfile.gettempdir()) / "rso-engine-ab" / commit
+    if not (kept / "rso").is_dir():
+        archive = subprocess.run(["git", "archive", commit, "rso"], cwd=ROOT, check=True, capture_output=True).stdout
+        partial = kept.with_name(commit + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(partial, filter="data")
+        partial.rename(kept)
+    return kept
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", default="main", help="git revision to compare with (main)")
+    parser.add_argument("--between", default=None, help="comma-separated revisions to time too, in order")
     parser.add_argument("--candidate", default=None, help="git revision to time instead of this working tree")
+    parser.add_argument("--in-place", action="store_true",
+                        help="time this working tree where it is (its compiled numba cache is reused; do not edit it "
+                             "meanwhile) instead of a snapshot")
     parser.add_argument("--model", default="paper6")
     parser.add_argument("--tensor", default="7.weight", help="parameter name (7.weight: paper6 conv2)")
     parser.add_argument("--batch-size", type=int, default=5000)
@@ -110,15 +122,20 @@ def main() -> None:
         worker(args)
         return
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-             if key not in ("worker", "baseline", "candidate", "repeats")]
+             if key not in ("worker", "baseline", "between", "candidate", "in_place", "repeats")]
     with tempfile.TemporaryDirectory() as scratch:
-        # a snapshot of this tree too, so that edits made while the benchmark runs do not leak into it
+        # every variant is a snapshot, so that edits made while the benchmark runs do not leak into it
+        trees = {args.baseline: export_revision(args.baseline, Path(scratch) / "0")}
+        for position, revision in enumerate(filter(None, (args.between or "").split(","))):
+            trees[revision] = export_revision(revision, Path(scratch) / str(position + 1))
         snapshot = Path(scratch) / "tree"
         if args.candidate:
-            export_revision(args.candidate, snapshot)
+            trees[args.candidate] = export_revision(args.candidate, snapshot)
+        elif args.in_place:
+            trees["this tree"] = ROOT
         else:
             shutil.copytree(ROOT / "rso", snapshot / "rso", ignore=shutil.ignore_patterns("__pycache__"))
-        trees = {"baseline": export_revision(args.baseline, Path(scratch) / "baseline"), "this tree": snapshot}
+            trees["this tree"] = snapshot
         load_before = os.getloadavg()
         runs: dict[str, list[dict]] = {name: [] for name in trees}
         for repeat in range(args.repeats):
@@ -129,20 +146,23 @@ def main() -> None:
                                       capture_output=True, text=True)
                 runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
                 run = runs[name][-1]
-                print(f"  repeat {repeat + 1} {name:9s} {run['per_visit'] * 1e3:8.1f} ms/visit wall "
-                      f"{run['cpu_per_visit'] * 1e3:8.1f} ms/visit cpu  decisions {run['decisions']}", flush=True)
+                print(f"  repeat {repeat + 1} {name[:12]:12s} {run['per_visit'] * 1e3:8.1f} ms/visit wall "
+                      f"{run['cpu_per_visit'] * 1e3:8.1f} ms/visit cpu  decisions {run['decisions']} "
+                      f"weights {run['weights']}", flush=True)
         load_after = os.getloadavg()
-    median = {name: statistics.median(run["per_visit"] for run in results) for name, results in runs.items()}
-    median_cpu = {name: statistics.median(run["cpu_per_visit"] for run in results) for name, results in runs.items()}
+    wall = {name: statistics.median(run["per_visit"] for run in results) for name, results in runs.items()}
+    cpu = {name: statistics.median(run["cpu_per_visit"] for run in results) for name, results in runs.items()}
     same = all(len({run[key] for results in runs.values() for run in results}) == 1 for key in ("decisions", "weights"))
-    print(f"{args.model} {args.tensor} batch {args.batch_size} {args.dtype} {args.threads} thread(s), "
-          f"{args.visits} visits x {args.repeats} repeats, load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    print(f"baseline {args.baseline}: {median['baseline'] * 1e3:.1f} ms/visit (median); "
-          f"{args.candidate or 'this tree'}: {median['this tree'] * 1e3:.1f} ms/visit; speedup {median['baseline'] / median['this tree']:.2f}x wall, "
-          f"{median_cpu['baseline'] / median_cpu['this tree']:.2f}x cpu time "
-          f"({median_cpu['baseline'] * 1e3:.1f} -> {median_cpu['this tree'] * 1e3:.1f} ms/visit); "
-          f"same decisions and bit-identical weights: {'yes' if same else 'NO'}")
-
+    print(f"{args.model} {args.tensor} batch {args.batch_size} x {args.chunks} chunks {args.dtype} {args.threads} "
+          f"thread(s), {args.visits} visits x {args.repeats} repeats (medians), load average {load_before[0]:.1f} -> "
+          f"{load_after[0]:.1f} on {os.cpu_count()} cores")
+    names = list(trees)
+    for previous, name in zip(names, names[1:]):
+        print(f"{name[:12]} vs {previous[:12]}: {cpu[previous] * 1e3:.1f} -> {cpu[name] * 1e3:.1f} ms/visit cpu time, "
+              f"{cpu[previous] / cpu[name]:.2f}x cpu, {wall[previous] / wall[name]:.2f}x wall")
+    print(f"{names[-1][:12]} vs {names[0][:12]}: {cpu[names[0]] / cpu[names[-1]]:.2f}x cpu time, "
+          f"{wall[names[0]] / wall[names[-1]]:.2f}x wall; same decisions and bit-identical weights in every run: "
+          f"{'yes' if same else 'NO'}")
 
 if __name__ == "__main__":
     main()

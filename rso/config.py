@@ -25,6 +25,10 @@ PRESETS = {
                     search_bn="fixed-below", search_bn_images=2000, final_sigma_fraction=0.1, bn_sigma=0.167,
                     order="output-first", chunking="per-visit", sampler="gaussian", anneal=True),
 }
+# torch/numba threads per process when --threads is not given. On a shared machine a thread that waits for a
+# busy core stalls every small multi-threaded operation (benchmarks/threads_ab.py measured all cores several
+# times slower than one thread under load); one thread per process loses only the CPU share.
+DEFAULT_THREADS = 1
 # Flags a resumed run may change; everything else comes from its checkpoint.
 RESUMABLE_OVERRIDES = {"cycles", "epochs", "device", "progress", "run_dir", "data_dir", "download", "eval_every",
                        "max_seconds", "threads", "resume", "resume_if_exists", "name", "engine", "workers",
@@ -288,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("numerics and machine")
     group.add_argument("--dtype", choices=["float32", "float64"], help="model and data precision (default float32)")
     group.add_argument("--device", help="auto, cpu or cuda (default auto: cuda when available)")
-    group.add_argument("--threads", type=_positive_int, help="torch/numba threads per process (default: all cores; "
+    group.add_argument("--threads", type=_positive_int, help=f"torch/numba threads per process (default "
+                       f"{DEFAULT_THREADS}: holds up on a shared machine, where all cores ran several times slower; "
                        "one per worker with --workers or torchrun)")
     group.add_argument("--workers", type=_positive_int,
                        help="RSO: score every chunk in N local processes on torch.distributed (gloo on CPU, NCCL "

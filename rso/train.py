@@ -31,7 +31,7 @@ from tqdm import tqdm
 from rso import distributed
 from rso.baselines import make_optimizer, train_epoch
 from rso.checkpoint import CheckpointError, check_finite_weights, checkpoint_path, load_checkpoint, save_checkpoint
-from rso.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
+from rso.config import DEFAULT_THREADS, RESUMABLE_OVERRIDES, TrainConfig, parse_args
 from rso.data import MNIST, DataError, load_mnist
 from rso.engines import ENGINES, make_engine
 from rso.evaluate import evaluate, recalibrate_batchnorm
@@ -170,9 +170,9 @@ class Trainer:
             if config.optimizer != "rso":
                 raise ConfigError("the backprop baselines run in one process (drop --workers / torchrun)")
             config.workers = world.size
-            distributed.set_threads(config.threads or 1)   # one thread per worker: N workers for N cores
-        elif config.threads:
-            torch.set_num_threads(config.threads)
+            distributed.set_threads(config.threads or DEFAULT_THREADS)   # one per worker: N workers for N cores
+        else:
+            torch.set_num_threads(config.threads or DEFAULT_THREADS)
         self.device = world.device if world.device.type == "cuda" else select_device(config.device)
         self.dtype = getattr(torch, config.dtype)
         if data is None:

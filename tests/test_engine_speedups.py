@@ -141,3 +141,76 @@ def test_next_conv_rejects_layouts():
     with pytest.raises(ValueError, match="not fused"):
         fused.next_conv(base, new, old, layer, 2, torch.empty_like(base), pool="max2")
     assert not fused.fits(nn.Conv2d(2, 2, 3, stride=2)) and not fused.fits(nn.Conv2d(2, 2, 3, padding="same"))
+
+
+@numba_only
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("pattern", ["bn-relu", "bn-relu-avg", "bn-relu-max", "avg-bn-relu", "bn", "relu-max",
+                                     "avg-bn", "bn-avg"])
+@pytest.mark.parametrize("tap", [(0, 0), (-1, 1), (1, -1), None], ids=["center", "up-right", "down-left", "bias"])
+def test_channel_block_equals_torch(pattern, tap, dtype, rtol):
+    """The searched channel's fused block, for 3 candidates ``P + step_k * basis``, equals PyTorch's operators
+    on the formed preactivations, including pooling before BN and BN without ReLU (the authors' order)."""
+    from rso.engines import fused
+
+    generator = torch.Generator().manual_seed(4)
+    bn = nn.BatchNorm2d(5).to(dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, 5))
+        bn.bias.copy_(torch.linspace(-0.3, 0.3, 5))
+    parts = {"bn": bn, "relu": nn.ReLU(), "avg": nn.AvgPool2d(2), "max": nn.MaxPool2d(2)}
+    layers = [parts[name] for name in pattern.split("-")]
+    block = fused.channel_block(layers)
+    assert block is not None and block.pool_first == pattern.startswith("avg-bn")
+    channel = 3
+    pre = 2.0 + torch.randn(6, 1, 8, 10, generator=generator, dtype=dtype)     # a large common offset
+    inputs = torch.randn(6, 1, 8, 10, generator=generator, dtype=dtype)
+    steps = torch.tensor([0.0, 0.7, -0.7], dtype=dtype)
+    if tap is None:
+        basis, source = torch.ones(1, 1, 1, 1, dtype=dtype), None
+    else:
+        padded = torch.nn.functional.pad(inputs, (1, 1, 1, 1))
+        basis, source = padded[:, :, 1 + tap[0]:9 + tap[0], 1 + tap[1]:11 + tap[1]], inputs
+    candidates = pre + steps.view(1, 3, 1, 1) * basis
+    x = candidates
+    with torch.no_grad():
+        for layer in layers:
+            if layer is bn:
+                x = torch.nn.functional.batch_norm(x, None, None, bn.weight[channel].expand(3), bn.bias[channel].expand(3),
+                                                   True, 0.0, bn.eps)
+            else:
+                x = layer(x)
+    moments = fused.block_moments(pre, source, steps, tap or (0, 0), block) if block.batchnorm is not None else None
+    got = fused.block_output(pre, source, steps, tap or (0, 0), block, channel, moments)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, x, rtol=rtol, atol=rtol)
+    # each candidate's output is one contiguous (N, 1, H', W') slab, as the next conv's kernel reads it
+    assert got[:, 1:2].is_contiguous()
+
+
+def test_channel_block_patterns():
+    from rso.engines import fused
+
+    bn, relu, avg, mx = nn.BatchNorm2d(2), nn.ReLU(), nn.AvgPool2d(2), nn.MaxPool2d(2)
+    assert fused.channel_block([avg, bn, relu]) == fused.ChannelBlock(True, bn, True, "none")
+    assert fused.channel_block([bn, relu, mx]) == fused.ChannelBlock(False, bn, True, "max2")
+    # what the kernel does not do stays with PyTorch's operators
+    for layers in ([bn, nn.AdaptiveMaxPool2d(1), nn.Flatten()], [bn, relu, nn.AdaptiveAvgPool2d(1), nn.Flatten()],
+                   [relu, bn], [nn.AvgPool2d(3), bn], [avg, relu]):
+        assert fused.channel_block(layers) is None, layers
+
+
+def test_one_thread_by_default(tmp_path, mnist_small):
+    """A run without --threads uses DEFAULT_THREADS (one) whatever torch had; --threads N still sets N."""
+    from rso.config import DEFAULT_THREADS, TrainConfig
+    from rso.train import Trainer
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Trainer(TrainConfig(run_dir=str(tmp_path), name="default", progress=False), data=mnist_small)
+        assert torch.get_num_threads() == DEFAULT_THREADS == 1
+        Trainer(TrainConfig(run_dir=str(tmp_path), name="two", threads=2, progress=False), data=mnist_small)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -152,6 +152,8 @@ class FastEngine(ScoringEngine):
         spatial_suffix = isinstance(self.plan.next_layer, nn.Conv2d)
         self._suffix = group_channel_ops(self.plan.suffix) if self._numba_path and spatial_suffix else list(self.plan.suffix)
         self._fused_pool = self._moments_with_next_conv()
+        self._channel_block = self._fused_channel_block()
+        self._block_buffer: torch.Tensor | None = None
         if isinstance(self.layer, nn.Conv2d) and target.kind == "weight":
             _, fan_in, height, width = self.layer.weight.shape
             self._per_channel = fan_in * height * width
@@ -176,9 +178,35 @@ class FastEngine(ScoringEngine):
             return "avg2"
         return None
 
+    def _fused_channel_block(self):
+        """The searched conv channel's block as one numba kernel (``rso.engines.fused.ChannelBlock``), or
+        ``None`` when PyTorch's operators run it (BN or Linear searched, a strided conv, a Flatten in the block)."""
+        layer, kind = self.layer, self.target.kind
+        if not (self._numba_path and isinstance(layer, nn.Conv2d) and kind in ("weight", "bias")):
+            return None
+        if self.world.size > 1:   # its BN statistics would be this rank's alone: the operators reduce them
+            return None
+        if kind == "weight" and not (tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
+                                     and isinstance(layer.padding, tuple)):
+            return None
+        from rso.engines import fused
+        return fused.channel_block(self.plan.block)
+
+    def _basis_source(self, inputs: torch.Tensor, index: int) -> tuple[torch.Tensor | None, tuple[int, int]]:
+        """What :meth:`_basis` shifts, for the fused block: (input channel, (row, column) shift) or (None, -)
+        for a bias (basis 1)."""
+        if self.target.kind != "weight":
+            return None, (0, 0)
+        _, _, height, width = self.layer.weight.shape
+        source, offset = divmod(index % self._per_channel, height * width)
+        row, column = divmod(offset, width)
+        pad_h, pad_w = self.layer.padding
+        return inputs[:, source:source + 1], (row - pad_h, column - pad_w)
+
     def end_sweep(self) -> None:
         self.chunks = {}
         self._buffers = {}
+        self._block_buffer = None
         self._last = None
 
     def use_numba(self) -> bool:
@@ -486,15 +514,27 @@ class FastEngine(ScoringEngine):
         self._sync(state, chunk, channel)
         candidates = values.to(self.device, self.dtype)
         count = candidates.numel()
+        steps = None
         if isinstance(self.layer, BATCHNORMS):
             pre = state.preactivation.expand(-1, count, *state.preactivation.shape[2:])
-            override = self._bn_override(channel, candidates)
+            out, offset, size = self._block(pre, channel, self._bn_override(channel, candidates))
+        elif self._channel_block is not None:
+            # numba: the candidates' preactivations (never formed), BN moments, then BN/ReLU/pooling, in two passes
+            from rso.engines import fused
+            steps = candidates - self.target.parameter.detach().view(-1)[index]
+            source, tap = self._basis_source(state.inputs, index)
+            block = self._channel_block
+            moments = None if block.batchnorm is None else \
+                fused.block_moments(state.preactivation, source, steps, tap, block)
+            out = fused.block_output(state.preactivation, source, steps, tap, block, channel, moments,
+                                     self._block_buffer)
+            self._block_buffer = out.transpose(0, 1)
+            pre, offset, size = None, channel, 1
         else:
             current = self.target.parameter.detach().view(-1)[index]
             shape = (1, count) + (1,) * (state.preactivation.dim() - 2)
             pre = state.preactivation + (candidates - current).view(shape) * self._basis(state.inputs, index)
-            override = None
-        out, offset, size = self._block(pre, channel, override)
+            out, offset, size = self._block(pre, channel, None)
         # candidate 0 is often the current weight (no weight decay); when no change was accepted since this
         # chunk's loss was last computed, that loss is candidate 0's, and its suffix pass is skipped
         unchanged = values[0].item() == self.target.parameter.detach().view(-1)[index].item()
@@ -508,7 +548,7 @@ class FastEngine(ScoringEngine):
             losses[0] = known
         if unchanged:
             state.current_loss, state.loss_version = losses[0].item(), len(self.log)
-        self._last = (chunk, index, values.tolist(), out, pre, losses, offset, size)
+        self._last = (chunk, index, values.tolist(), out, pre, losses, offset, size, steps)
         return losses
 
     def commit(self, index: int, value: float, chunk: int) -> None:
@@ -525,7 +565,10 @@ class FastEngine(ScoringEngine):
             if state.synced == len(self.log) - 1:   # the caches were current when scored: take the candidate's
                 # (the next layer's output follows when the chunk leaves the channel, see _sync)
                 state.block_output = last[3][:, k:k + 1].clone()
-                state.preactivation = last[4][:, k:k + 1].clone()
+                if last[4] is not None:
+                    state.preactivation = last[4][:, k:k + 1].clone()
+                else:   # the fused block did not form it: the same arithmetic as the candidate's
+                    state.preactivation = state.preactivation + last[8][k] * self._basis(state.inputs, index)
                 state.synced = len(self.log)
                 state.current_loss, state.loss_version = last[5][k].item(), len(self.log)
 

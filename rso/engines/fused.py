@@ -12,10 +12,13 @@ examples in the same order, the same shift), so the results are bit-identical to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from torch import nn
 
-from rso.engines.kernels import POOL_CODES, numba
+from rso.engines.kernels import POOL_CODES, batchnorm_affine, numba
 
 FUSED_POOLS = ("none", "avg2")      # pooling between the next conv and its BN that the moments follow
 
@@ -144,3 +147,167 @@ def next_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, c
     n, height, width = source.shape[:3]
     count = n * (height // 2) * (width // 2) if code == 1 else n * height * width
     return sums, shift, count
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The searched channel's block: [2x2 average pooling] -> [BN] -> [ReLU] -> [2x2 pooling], for K candidates.
+#
+# A candidate's preactivation is ``P + step_k * basis`` (basis: the input channel shifted by the tap, or 1 for
+# a bias); PyTorch's eager operators form it (K copies), pad the basis, and run BN, ReLU and pooling as separate
+# passes. Here it is two passes over P and the input channel: the moments of every candidate's BN input, then
+# the normalized, rectified, pooled outputs, written candidate by candidate (K, B, H', W').
+
+def _block_value(pre, inputs, unit, i, y, x, step, row, column):
+    """``P + step * basis`` at pixel (y, x) of example i; the basis is input pixel (y + row, x + column)
+    (zero outside the image, where the sum is P itself) or 1 (``unit``)."""
+    if unit:
+        return pre[i, y, x] + step
+    iy, ix = y + row, x + column
+    if 0 <= iy < inputs.shape[1] and 0 <= ix < inputs.shape[2]:
+        return pre[i, y, x] + step * inputs[i, iy, ix]
+    return pre[i, y, x]
+
+
+def _block_input(pre, inputs, unit, i, h, w, step, row, column, pool_first, cell):
+    """The BN input of the block at (h, w): the candidate's preactivation, or its 2x2 average (``pool_first``,
+    summed in float64 and stored in the tensor's dtype through ``cell``, as the pooling kernel does)."""
+    if pool_first:
+        cell[0] = (((np.float64(_block_value(pre, inputs, unit, i, 2 * h, 2 * w, step, row, column))
+                     + _block_value(pre, inputs, unit, i, 2 * h, 2 * w + 1, step, row, column))
+                    + _block_value(pre, inputs, unit, i, 2 * h + 1, 2 * w, step, row, column))
+                   + _block_value(pre, inputs, unit, i, 2 * h + 1, 2 * w + 1, step, row, column)) * 0.25
+        return cell[0]
+    return _block_value(pre, inputs, unit, i, h, w, step, row, column)
+
+
+def _block_moments(pre, inputs, unit, steps, row, column, pool_first, parts):
+    """Per candidate, the sums of its BN input minus a shift and of the square, over (N, H, W), in ``parts``
+    blocks of examples. Returns (sums (parts, 2, K), shift (K,)): the shift is the first example's first value."""
+    n, height, width = pre.shape
+    if pool_first:
+        height, width = height // 2, width // 2
+    count = steps.shape[0]
+    cell = np.empty(1, pre.dtype)
+    shift = np.empty(count, np.float64)
+    for k in range(count):
+        shift[k] = _block_input(pre, inputs, unit, 0, 0, 0, steps[k], row, column, pool_first, cell)
+    sums = np.zeros((parts, 2, count), np.float64)
+    step = (n + parts - 1) // parts
+    for p in numba.prange(parts):
+        rounded = np.empty(1, pre.dtype)
+        for k in range(count):
+            first, second = 0.0, 0.0
+            for i in range(p * step, min(n, (p + 1) * step)):
+                for h in range(height):
+                    for w in range(width):
+                        v = _block_input(pre, inputs, unit, i, h, w, steps[k], row, column, pool_first, rounded) - shift[k]
+                        first += v
+                        second += v * v
+            sums[p, 0, k] = first
+            sums[p, 1, k] = second
+    return sums, shift
+
+
+def _block_output(pre, inputs, unit, steps, row, column, pool_first, scale, bias, relu, pool, out):
+    """``out[k] = pool(relu(bn_input_k * scale[k] + bias[k]))`` for every candidate k; pool 0 none, 1 avg 2x2,
+    2 max 2x2. ``out`` is (K, N, H', W')."""
+    n = pre.shape[0]
+    count = steps.shape[0]
+    for i in numba.prange(n):
+        cell = np.empty(1, pre.dtype)
+        for k in range(count):
+            step = steps[k]
+            if pool == 0:
+                for h in range(out.shape[2]):
+                    for w in range(out.shape[3]):
+                        y = _block_input(pre, inputs, unit, i, h, w, step, row, column, pool_first, cell) * scale[k] + bias[k]
+                        out[k, i, h, w] = max(y, 0.0) if relu else y
+            else:
+                for h in range(out.shape[2]):
+                    for w in range(out.shape[3]):
+                        a = _block_input(pre, inputs, unit, i, 2 * h, 2 * w, step, row, column, pool_first, cell)
+                        b = _block_input(pre, inputs, unit, i, 2 * h, 2 * w + 1, step, row, column, pool_first, cell)
+                        d = _block_input(pre, inputs, unit, i, 2 * h + 1, 2 * w, step, row, column, pool_first, cell)
+                        e = _block_input(pre, inputs, unit, i, 2 * h + 1, 2 * w + 1, step, row, column, pool_first, cell)
+                        out[k, i, h, w] = _relu_pool_window(a * scale[k] + bias[k], b * scale[k] + bias[k],
+                                                            d * scale[k] + bias[k], e * scale[k] + bias[k], relu, pool)
+
+
+if numba is not None:
+    from rso.engines.kernels import _relu_pool_window
+    _block_value = numba.njit(cache=True, inline="always")(_block_value)
+    _block_input = numba.njit(cache=True, inline="always")(_block_input)
+    _block_moments = numba.njit(cache=True, parallel=True)(_block_moments)
+    _block_output = numba.njit(cache=True, parallel=True)(_block_output)
+
+
+@dataclass(frozen=True)
+class ChannelBlock:
+    """The searched channel's block as the kernels run it: [avg 2x2] -> [BN] -> [ReLU] -> [avg/max 2x2]."""
+
+    pool_first: bool
+    batchnorm: nn.BatchNorm2d | None
+    relu: bool
+    pool: str          # "none", "avg2" or "max2"
+
+
+def channel_block(layers) -> ChannelBlock | None:
+    """``layers`` (a sweep plan's block after a searched Conv2d) as a :class:`ChannelBlock`, or ``None`` when
+    it is not of that form (a Flatten, global pooling, another order): the PyTorch operators run it then."""
+    from rso.engines.plan import _pool_kind
+
+    layers = [layer for layer in layers if not isinstance(layer, nn.Identity)]
+    position, pool_first, batchnorm, relu, pool = 0, False, None, False, "none"
+    if (len(layers) > 1 and _pool_kind(layers[0]) == "avg2" and isinstance(layers[1], nn.BatchNorm2d)):
+        pool_first, position = True, 1
+    if position < len(layers) and isinstance(layers[position], nn.BatchNorm2d):
+        batchnorm, position = layers[position], position + 1
+    if position < len(layers) and isinstance(layers[position], nn.ReLU):
+        relu, position = True, position + 1
+    if position < len(layers) and _pool_kind(layers[position]) in ("avg2", "max2"):
+        pool, position = _pool_kind(layers[position]), position + 1
+    return ChannelBlock(pool_first, batchnorm, relu, pool) if position == len(layers) else None
+
+
+def block_moments(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.Tensor, tap: tuple[int, int],
+                  block: ChannelBlock) -> tuple[np.ndarray, np.ndarray, int]:
+    """The moments ``(sums (parts, 2, K), shift (K,), count)`` of each candidate's BN input, the candidate's
+    preactivation being ``pre + steps[k] * basis``: ``pre`` (N, 1, H, W) contiguous, ``inputs`` the searched
+    conv's input channel (N, 1, H_in, W_in) (``None``: a bias, basis 1), ``tap`` the basis's shift
+    (kernel row - padding, kernel column - padding)."""
+    source, basis, unit = _block_arrays(pre, inputs)
+    sums, shift = _block_moments(source, basis, unit, steps.numpy(), tap[0], tap[1], block.pool_first,
+                                 numba.get_num_threads())
+    n, height, width = source.shape
+    count = n * (height // 2) * (width // 2) if block.pool_first else n * height * width
+    return sums, shift, count
+
+
+def block_output(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.Tensor, tap: tuple[int, int],
+                 block: ChannelBlock, channel: int, moments, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's output for every candidate, (N, K, H', W') (a view of a (K, N, H', W') tensor, ``out``
+    when given), normalized with ``moments`` (from :func:`block_moments`, or reduced over processes)."""
+    source, basis, unit = _block_arrays(pre, inputs)
+    n, height, width = source.shape
+    count = steps.shape[0]
+    if block.pool_first:
+        height, width = height // 2, width // 2
+    if block.pool != "none":
+        height, width = height // 2, width // 2
+    if block.batchnorm is not None:
+        scale, bias = batchnorm_affine(block.batchnorm, *moments, channel=channel)
+    else:
+        scale, bias = np.ones(count), np.zeros(count)
+    if out is None or tuple(out.shape) != (count, n, height, width):
+        out = torch.empty((count, n, height, width), dtype=pre.dtype)
+    _block_output(source, basis, unit, steps.numpy(), tap[0], tap[1], block.pool_first,
+                  scale.astype(source.dtype), bias.astype(source.dtype), block.relu, POOL_CODES[block.pool], out.numpy())
+    return out.transpose(0, 1)
+
+
+def _block_arrays(pre: torch.Tensor, inputs: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(preactivation (N, H, W), basis source (N, H_in, W_in) or a placeholder, whether the basis is 1)."""
+    source = pre[:, 0].contiguous().numpy()
+    if inputs is None:
+        return source, np.zeros((1, 1, 1), source.dtype), True
+    return source, inputs[:, 0].contiguous().numpy(), False

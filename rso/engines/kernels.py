@@ -196,6 +196,17 @@ def _nan_max(a, b):
     return a if (a != a or a >= b) else b
 
 
+def _relu_pool_window(a, b, d, e, relu, pool):
+    """One 2x2 window (a b / d e) after an optional ReLU: its average (pool 1) or NaN-keeping max (pool 2),
+    in float64."""
+    a, b, d, e = np.float64(a), np.float64(b), np.float64(d), np.float64(e)
+    if relu:
+        a, b, d, e = max(a, 0.0), max(b, 0.0), max(d, 0.0), max(e, 0.0)
+    if pool == 1:
+        return (((a + b) + d) + e) * 0.25
+    return _nan_max(_nan_max(a, b), _nan_max(d, e))
+
+
 def _affine_relu_pool(x, scale, bias, relu, pool, out):
     """``out = pool(relu(x * scale + bias))`` for NHWC ``x``; pool 0 none, 1 avg 2x2, 2 max 2x2, 3 global avg,
     4 global max (NaN anywhere in a channel gives NaN, as torch's max pooling)."""
@@ -231,16 +242,11 @@ def _affine_relu_pool(x, scale, bias, relu, pool, out):
             for h in range(out.shape[1]):
                 for w in range(out.shape[2]):
                     for k in range(c):
-                        a = x[i, 2 * h, 2 * w, k] * scale[k] + bias[k]
-                        b = x[i, 2 * h, 2 * w + 1, k] * scale[k] + bias[k]
-                        d = x[i, 2 * h + 1, 2 * w, k] * scale[k] + bias[k]
-                        e = x[i, 2 * h + 1, 2 * w + 1, k] * scale[k] + bias[k]
-                        if relu:
-                            a, b, d, e = max(a, 0.0), max(b, 0.0), max(d, 0.0), max(e, 0.0)
-                        if pool == 1:
-                            out[i, h, w, k] = (((a + b) + d) + e) * 0.25
-                        else:
-                            out[i, h, w, k] = _nan_max(_nan_max(a, b), _nan_max(d, e))
+                        out[i, h, w, k] = _relu_pool_window(x[i, 2 * h, 2 * w, k] * scale[k] + bias[k],
+                                                            x[i, 2 * h, 2 * w + 1, k] * scale[k] + bias[k],
+                                                            x[i, 2 * h + 1, 2 * w, k] * scale[k] + bias[k],
+                                                            x[i, 2 * h + 1, 2 * w + 1, k] * scale[k] + bias[k],
+                                                            relu, pool)
 
 
 def _add_one_channel_conv(base, new, old, weight, stride, padding, dilation, out):
@@ -307,6 +313,7 @@ def _add_one_channel_conv_unit_stride(base, new, old, weight, padding, dilation,
 
 if numba is not None:
     _nan_max = numba.njit(cache=True, inline="always")(_nan_max)
+    _relu_pool_window = numba.njit(cache=True, inline="always")(_relu_pool_window)
     _channel_moments = numba.njit(cache=True, parallel=True)(_channel_moments)
     _affine_relu_pool = numba.njit(cache=True, parallel=True)(_affine_relu_pool)
     _add_one_channel_conv = numba.njit(cache=True, parallel=True)(_add_one_channel_conv)
@@ -354,20 +361,22 @@ def batch_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def batchnorm_affine(layer, sums: np.ndarray, shift: np.ndarray, count: int,
-                     combine_moments=None) -> tuple[np.ndarray, np.ndarray]:
-    """BN with batch statistics as ``x * scale + bias`` per channel, from the moments of its input
-    (``combine_moments``: see :func:`channel_ops`)."""
+                     channel: int | None = None, combine_moments=None) -> tuple[np.ndarray, np.ndarray]:
+    """BN with batch statistics as ``x * scale + bias`` per column of the moments (a channel, or with
+    ``channel`` given, a candidate of that one channel), from the moments of its input (``combine_moments``:
+    see :func:`channel_ops`)."""
     first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
     mean = shift + first
     variance = np.maximum(second - first * first, 0.0)
     if combine_moments is not None:
         mean, variance = combine_moments(count, mean, variance)
     scale = 1.0 / np.sqrt(variance + layer.eps)
+    part = slice(None) if channel is None else channel
     if layer.weight is not None:
-        scale = scale * layer.weight.detach().cpu().double().numpy()
+        scale = scale * layer.weight.detach().cpu().double().numpy()[part]
     bias = -mean * scale
     if layer.bias is not None:
-        bias = bias + layer.bias.detach().cpu().double().numpy()
+        bias = bias + layer.bias.detach().cpu().double().numpy()[part]
     return scale, bias
 
 
