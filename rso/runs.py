@@ -138,18 +138,28 @@ class RunLogger:
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)
 
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        self.writer.add_histogram(tag, values.detach().to("cpu", torch.float64), step)
+
+    def start_dashboard(self, config: dict, has_batchnorm: bool) -> None:
+        """The HPARAMS experiment and this run's session, and the custom-scalars layout (rso.dashboard)."""
+        from rso.dashboard import custom_scalars_layout, hparams_summaries
+
+        for summary in hparams_summaries(config, has_batchnorm):
+            self.writer._get_file_writer().add_summary(summary)
+        self.writer.add_custom_scalars(custom_scalars_layout())
+
     def line(self, text: str) -> None:
         stamp = time.strftime("%H:%M:%S")
         self._log.write(f"{stamp} {text}\n")
         self.printer(text)
 
-    def finish(self, hparams: dict, metrics: dict) -> None:
+    def finish(self, metrics: dict) -> None:
+        """Write final.json and end the HPARAMS session (its metrics are the runs' own scalar tags)."""
+        from rso.dashboard import session_end_summary
+
         write_json(self.folder / "final.json", metrics)
-        clean = {key: (value if isinstance(value, (int, float, str, bool)) else str(value))
-                 for key, value in hparams.items() if value is not None}
-        self.writer.add_hparams(clean, {f"hparam/{key}": value for key, value in metrics.items()
-                                        if isinstance(value, (int, float)) and not isinstance(value, bool)},
-                                run_name=".")
+        self.writer._get_file_writer().add_summary(session_end_summary())
         self.close()
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rso import dashboard as tags
 from rso import distributed
 from rso.baselines import make_optimizer, train_epoch
 from rso.checkpoint import CheckpointError, check_finite_weights, checkpoint_path, load_checkpoint, save_checkpoint
@@ -37,14 +38,19 @@ from rso.engines import ENGINES, make_engine
 from rso.evaluate import evaluate, recalibrate_batchnorm
 from rso.interrupts import INTERRUPTS, StopRequested
 from rso.models import build_model, count_weights
+from rso.progress import SweepProgress, format_seconds, sweep_costs
 from rso.resources import ResourceError, check_model_fits
 from rso.runs import RunLogger, unique_run_dir
 from rso.search.candidates import get_sampler
-from rso.search.loop import NonFiniteLossError, SweepStats, run_sweep
+from rso.search.loop import N_CANDIDATES, NonFiniteLossError, SweepStats, run_sweep
 from rso.search.schedule import annealed_sigma
 from rso.search.visit import BATCHNORMS, visit_order
 from rso.stopping import StoppingCriteria
 from rso.storage import RunFolderLock, StorageError
+
+
+LOSS_EVERY = 256          # RSO: a train-loss point every this many weight visits (and at the end of each sweep)
+LOSS_EVERY_STEPS = 25     # backprop: a train-loss point every this many steps (fewer on a short epoch)
 
 
 class RunError(RuntimeError):
@@ -81,6 +87,7 @@ class Progress:
     forward_samples: int = 0      # examples through a forward pass (backprop: forward + backward count 2)
     optimizer_steps: int = 0      # backprop steps
     seconds: float = 0.0          # training time, summed over resumes
+    sweep_seconds: dict = field(default_factory=dict)  # RSO: each tensor's last sweep, in seconds (for the ETA)
     history: list = field(default_factory=list)  # per evaluation: dict of counters and metrics
 
     def state(self) -> dict:
@@ -215,6 +222,9 @@ class Trainer:
         self.logger = RunLogger(self.folder, printer=tqdm.write) if world.is_main else _NoLogger()
         self.logger.describe(config.to_dict(), self.device, argv,
                              resumed_at=self.progress.visits if state is not None else None)
+        self.has_batchnorm = any(isinstance(module, BATCHNORMS) for module in self.model.modules())
+        if state is None:
+            self.logger.start_dashboard(config.to_dict(), self.has_batchnorm)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -258,13 +268,41 @@ class Trainer:
         self.bn_statistics_step = self.progress.visits  # the saved BN statistics match these weights
         return evaluate(self.model, self.data.test_images, self.data.test_labels)
 
+    def budget_done(self) -> float:
+        """The fraction of the run's budget (cycles or epochs) done: one metric key for every optimizer."""
+        if self.config.optimizer == "rso":
+            return self.progress.visits / max(self.config.cycles * count_weights(self.model), 1)
+        return self.progress.cycle / self.config.epochs
+
+    def log_curves(self, step: int, samples: int, **values: float) -> None:
+        """Scalars against weight updates (``step``) and their copies against forward samples."""
+        for tag, value in values.items():
+            self.logger.scalar(tag, value, step)
+            if tag in tags.BY_SAMPLES:
+                self.logger.scalar(tags.BY_SAMPLES[tag], value, samples)
+
+    def log_evaluation(self, step: int, accuracy: float, test_loss: float) -> None:
+        progress = self.progress
+        self.log_curves(step, progress.forward_samples, **{tags.TEST_ACCURACY: accuracy, tags.TEST_LOSS: test_loss})
+        for tag, value in ((tags.WEIGHT_UPDATES, progress.visits), (tags.FORWARD_SAMPLES, progress.forward_samples),
+                           (tags.SECONDS, progress.seconds), (tags.DONE_FRACTION, self.budget_done())):
+            self.logger.scalar(tag, value, step)
+
+    def log_start(self) -> None:
+        """Step 0 of a new run: the initial weights' test accuracy and loss, train loss and histograms."""
+        accuracy, test_loss = self.evaluate()
+        images, labels = self.data.train_images[: self.config.batch_size], self.data.train_labels[: self.config.batch_size]
+        from rso.engines.base import batch_statistics
+
+        with torch.no_grad(), batch_statistics(self.model):
+            train_loss = torch.nn.functional.cross_entropy(self.model(images).double(), labels).item()
+        self.log_curves(0, 0, **{tags.TRAIN_LOSS: train_loss})
+        self.log_evaluation(0, accuracy, test_loss)
+        for name, parameter in self.model.named_parameters():
+            self.logger.histogram(tags.weights_tag(name), parameter, 0)
+
     def record(self, step: int, train_loss: float, accuracy: float, test_loss: float, **extra) -> None:
-        log = self.logger.scalar
-        log("train/loss", train_loss, step)
-        log("test/accuracy", accuracy, step)
-        log("test/loss", test_loss, step)
-        log("counters/forward_samples", self.progress.forward_samples, step)
-        log("counters/seconds", self.progress.seconds, step)
+        self.log_evaluation(step, accuracy, test_loss)
         self.progress.history.append({"step": step, "seconds": round(self.progress.seconds, 3),
                                       "forward_samples": self.progress.forward_samples,
                                       "accepted": self.progress.accepted, "train_loss": train_loss,
@@ -274,6 +312,8 @@ class Trainer:
     def run(self) -> dict:
         started = time.perf_counter()
         self.stopping.start()
+        if self.progress.visits == 0:
+            self.log_start()
         try:
             reason = self._run_rso() if self.config.optimizer == "rso" else self._run_backprop()
         except (KeyboardInterrupt, StopRequested) as error:
@@ -299,13 +339,14 @@ class Trainer:
                    "optimizer_steps": self.progress.optimizer_steps, "seconds": round(self.progress.seconds, 2),
                    "cycles_done" if self.config.optimizer == "rso" else "epochs_done": self.progress.cycle,
                    "stopped_by": reason, "wall_seconds_this_session": round(time.perf_counter() - started, 2)}
-        has_batchnorm = any(isinstance(module, BATCHNORMS) for module in self.model.modules())
+        has_batchnorm = self.has_batchnorm
+        self.logger.scalar(tags.FINAL_ACCURACY, accuracy, self.progress.visits)
+        self.logger.scalar(tags.FINAL_LOSS, test_loss, self.progress.visits)
         self.logger.line(f"final: test accuracy {accuracy:.4f}, test loss {test_loss:.4f}"
                          + (f" (BN statistics over all {len(self.data.train_labels)} training examples)"
                             if has_batchnorm else "")
                          + f"; run folder {self.folder}" + (f"; stopped: {reason}" if reason else ""))
-        self.logger.finish({key: value for key, value in self.config.to_dict().items()
-                            if key != "widths"}, metrics)
+        self.logger.finish(metrics)
         return {**metrics, "run_folder": str(self.folder), "history": list(self.progress.history)}
 
     def _stop_reason(self, loss: float, accuracy: float | None) -> str | None:
@@ -342,13 +383,37 @@ class Trainer:
                              f"{-(-config.batch_size // self.world.size)} examples of every chunk")
             self.world.check_same(sum(float(p.detach().double().sum()) for p in self.model.parameters()),
                                   "the starting weights")
-        bar = tqdm(total=config.cycles * per_cycle, unit="visit", dynamic_ncols=True,
-                   initial=progress.visits + (self.resume_sweep["visit"] if self.resume_sweep else 0),
-                   disable=not config.progress or not self.world.is_main, smoothing=0.05)
+        costs = sweep_costs(self.model, targets, self.data.train_images[:1], config.batch_size,
+                            len(self.data.train_labels), incremental=engine.name != "reference")
+        evaluation_samples = min(config.bn_samples, len(self.data.train_labels)) + len(self.data.test_labels)
+        for target in (targets if config.eval_every == "sweep" else targets[-1:]):
+            costs[target.name].after = evaluation_samples
+        tracker = SweepProgress(costs, [target.name for target in targets], config.cycles, progress.sweep_seconds)
+        # the bar counts forward-sample equivalents (rso.progress): its ETA is this run's own per-tensor timings
+        resumed_visits = self.resume_sweep["visit"] if self.resume_sweep else 0   # a run resumed inside a sweep
+        bar = tqdm(total=tracker.total, initial=tracker.done(progress.cycle, progress.target_index, resumed_visits),
+                   unit="sample",
+                   unit_scale=True, dynamic_ncols=True, disable=not config.progress or not self.world.is_main,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
+        window = {"visits": 0, "loss": 0.0, "in_sweep": 0}   # the train-loss curve: a point every LOSS_EVERY visits
+
+        def log_train_loss() -> None:
+            if window["visits"]:
+                visits = progress.visits + window["in_sweep"]
+                samples = progress.forward_samples + window["in_sweep"] * N_CANDIDATES * config.batch_size
+                self.log_curves(visits, samples, **{tags.TRAIN_LOSS: window["loss"] / window["visits"]})
+                window.update(visits=0, loss=0.0)
 
         def on_progress(visits: int, loss: float, accepted: int) -> None:
-            bar.update(visits)
-            bar.set_postfix(loss=f"{loss:.4f}", accept=f"{accepted / max(visits, 1):.2f}", refresh=False)
+            tracker.advance(visits)
+            window["visits"] += visits
+            window["loss"] += loss * visits
+            window["in_sweep"] += visits
+            if window["visits"] >= LOSS_EVERY:
+                log_train_loss()
+            bar.update(tracker.done() - bar.n)
+            bar.set_postfix({"eta": format_seconds(tracker.eta()), "loss": f"{loss:.4f}",
+                             "accept": f"{accepted / max(visits, 1):.2f}"}, refresh=False)
 
         INTERRUPTS.defer(True)   # SIGINT/SIGTERM: checkpoint at the next visit, then stop
         try:
@@ -363,12 +428,15 @@ class Trainer:
                     earlier = resumed["seconds"] if resumed else 0.0
                     sweep_start = time.perf_counter()
                     hook = self._sweep_checkpoint(target, self.generator.get_state(), sweep_start, earlier)
+                    tracker.begin_sweep(cycle, progress.target_index)
+                    tracker.visits = window["in_sweep"] = resumed["visit"] if resumed else 0
                     stats = run_sweep(self.model, target, self.data.train_images, self.data.train_labels, engine,
                                       sigma=sigma, batch_size=config.batch_size, sampler=sampler,
                                       generator=self.generator, weight_decay=config.weight_decay,
                                       chunking=config.chunking, progress=on_progress,
                                       fixed_bn_images=fixed_bn_images,
                                       start_visit=resumed["visit"] if resumed else 0, stats=partial, checkpoint=hook)
+                    log_train_loss()
                     progress.visits += stats.visits
                     progress.accepted += stats.accepted
                     progress.forward_samples += stats.forward_samples
@@ -377,21 +445,21 @@ class Trainer:
                     if last_of_cycle:
                         progress.cycle, progress.target_index = cycle + 1, 0
                     step = progress.visits
-                    self.logger.scalar(f"rso/accept_rate/{target.name}", stats.accept_rate, step)
-                    self.logger.scalar(f"rso/sigma/{target.name}", sigma, step)
-                    self.logger.scalar("counters/accepted", progress.accepted, step)
+                    self.logger.scalar(tags.accept_rate_tag(target.name), stats.accept_rate, step)
+                    self.logger.scalar(tags.sigma_tag(target.name), sigma, step)
+                    self.logger.scalar(tags.ACCEPTED, progress.accepted, step)
+                    self.logger.histogram(tags.weights_tag(target.name), target.parameter, step)
                     accuracy = None
                     progress.seconds += earlier + time.perf_counter() - sweep_start
                     if config.eval_every == "sweep" or last_of_cycle:
                         accuracy, test_loss = self.evaluate()
                         self.record(step, stats.mean_loss, accuracy, test_loss, cycle=cycle, target=target.name)
-                    else:
-                        self.logger.scalar("train/loss", stats.mean_loss, step)
                     self.logger.line(
                         f"cycle {cycle + 1}/{config.cycles} {target.name:<12} sigma {sigma:.4f} "
                         f"accept {stats.accept_rate:.3f} loss {stats.mean_loss:.4f}"
                         + (f" test acc {accuracy:.4f}" if accuracy is not None else "")
                         + f" ({stats.seconds:.1f} s, {progress.seconds:.0f} s total)")
+                    tracker.end_sweep()
                     self.save()
                     if INTERRUPTS.requested is not None:
                         raise StopRequested
@@ -430,16 +498,31 @@ class Trainer:
                          f"{steps_per_epoch} steps, batch {config.batch_size}, lr {config.lr}, device {self.device}")
         bar = tqdm(total=config.epochs * steps_per_epoch, initial=progress.optimizer_steps, unit="step",
                    dynamic_ncols=True, disable=not config.progress)
+        every = max(1, min(LOSS_EVERY_STEPS, steps_per_epoch // 10))   # the train-loss curve: a point every few dozen steps
+        window = {"steps": 0, "loss": 0.0, "in_epoch": 0}
 
         def on_progress(loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            window["steps"] += 1
+            window["loss"] += loss
+            window["in_epoch"] += 1
+            if window["steps"] >= every:
+                self.log_curves(progress.visits + window["in_epoch"] * n_weights,
+                                progress.forward_samples + 2 * window["in_epoch"] * config.batch_size,
+                                **{tags.TRAIN_LOSS: window["loss"] / window["steps"]})
+                window.update(steps=0, loss=0.0)
 
         try:
             while progress.cycle < config.epochs:
                 epoch_start = time.perf_counter()
+                window.update(steps=0, loss=0.0, in_epoch=0)
                 loss, steps = train_epoch(self.model, self.optimizer, self.data.train_images, self.data.train_labels,
                                           config.batch_size, self.generator, on_progress)
+                if window["steps"]:
+                    rest = window["loss"] / window["steps"]
+                    self.log_curves(progress.visits + steps * n_weights, progress.forward_samples + 2 * steps * config.batch_size,
+                                    **{tags.TRAIN_LOSS: rest})
                 progress.optimizer_steps += steps
                 progress.visits += steps * n_weights
                 progress.forward_samples += 2 * steps * config.batch_size
@@ -447,6 +530,8 @@ class Trainer:
                 progress.seconds += time.perf_counter() - epoch_start
                 accuracy, test_loss = self.evaluate()
                 self.record(progress.visits, loss, accuracy, test_loss, epoch=progress.cycle)
+                for name, parameter in self.model.named_parameters():
+                    self.logger.histogram(tags.weights_tag(name), parameter, progress.visits)
                 self.logger.line(f"epoch {progress.cycle}/{config.epochs} loss {loss:.4f} test acc {accuracy:.4f} "
                                  f"({progress.seconds:.0f} s total)")
                 self.save()

@@ -44,8 +44,17 @@ def test_rso_run_writes_events_config_checkpoint_and_final_metrics(tmp_path, dat
     events = EventAccumulator(str(folder))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "test/accuracy", "test/loss", "rso/accept_rate/8.weight", "rso/sigma/0.weight"} <= tags
-    assert events.Scalars("test/accuracy")[-1].step == final["visits"]
+    assert {"loss/train", "accuracy/test", "loss/test", "rso/accept_rate/8.weight", "rso/sigma/0.weight",
+            "samples/test_accuracy", "summary/test_accuracy", "progress/done_fraction"} <= tags
+    accuracy = events.Scalars("accuracy/test")
+    assert accuracy[0].step == 0 and accuracy[-1].step == final["visits"]
+    assert len(accuracy) == 1 + 2 * 7  # the initial weights, then every sweep (7 tensors, 2 cycles)
+    assert [point.step for point in events.Scalars("samples/test_accuracy")][-1] == final["forward_samples"]
+    assert events.Scalars("summary/test_accuracy")[-1].value == pytest.approx(final["test_accuracy"])
+    assert events.Scalars("progress/done_fraction")[-1].value == pytest.approx(1.0)
+    # the train-loss curve starts at step 0 and has a point at least at the end of every sweep
+    assert events.Scalars("loss/train")[0].step == 0 and len(events.Scalars("loss/train")) >= 1 + 2 * 7
+    assert {"weights/0.weight", "weights/8.weight"} <= set(events.Tags()["histograms"])
 
 
 def test_rso_learns_above_chance(tmp_path, data_dir):

@@ -67,7 +67,7 @@ class SweepStats:
         return self.loss_sum / self.visits if self.visits else float("nan")
 
 
-# progress(visits_done_in_this_call, last_mean_loss, accepted_in_this_call)
+# progress(visits_done_in_this_call, their_mean_loss, accepted_in_this_call)
 Progress = Callable[[int, float, int], None]
 # checkpoint(visits_done_in_this_sweep, stats): called between visits, may save a checkpoint or raise
 Checkpoint = Callable[[int, SweepStats], None]
@@ -133,6 +133,7 @@ class VisitRecorder:
         self.stats, self.progress, self.batch_size = stats, progress, batch_size
         self.numel, self.report_every = numel, report_every
         self.pending_visits = self.pending_accepted = 0
+        self.pending_loss = 0.0
 
     def record(self, index: int, choice: int, loss: float) -> None:
         """Visit ``index`` kept candidate ``choice``, whose summed loss over the chunk was ``loss``."""
@@ -142,9 +143,11 @@ class VisitRecorder:
         self.stats.loss_sum += mean_loss
         self.pending_visits += 1
         self.pending_accepted += choice != 0
+        self.pending_loss += mean_loss
         if self.progress is not None and (self.pending_visits >= self.report_every or index == self.numel - 1):
-            self.progress(self.pending_visits, mean_loss, self.pending_accepted)
+            self.progress(self.pending_visits, self.pending_loss / self.pending_visits, self.pending_accepted)
             self.pending_visits = self.pending_accepted = 0
+            self.pending_loss = 0.0
 
 
 def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch.Tensor, steps: torch.Tensor,
