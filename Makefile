@@ -4,10 +4,11 @@ PYTHON ?= python3
 RSO_DATA_DIR ?= $(abspath $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,./data))
 export RSO_DATA_DIR
 RUNS ?= runs
-# The CPU wheel of torch: installed only when no torch is importable, so CUDA machines keep theirs.
-TORCH_CPU ?= torch==2.13.0
+# The CPU wheel of torch (PyPI's Linux wheel pulls CUDA): installed only when no torch is importable, so CUDA
+# machines keep theirs.
+TORCH_CPU ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
-.PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard bench clean help \
+.PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard tensorboard-check bench clean help \
 	landscapes overparam compare batch-size depth ablations paper experiments-quick readme record-mnist-rso faults \
 	gpu-data gpu-check
 
@@ -15,14 +16,14 @@ help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 install: ## install rso and its dependencies (CPU torch when none is present)
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_CPU)"
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH_CPU)
 	@$(PYTHON) -c "import rso, numba, tqdm, tensorboard, matplotlib, pytest" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[dev]"
 
 test: install ## run the test suite (a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest -q tests
 
-mnist-rso: install ## train the default RSO run on MNIST (under 15 min on 2 CPU cores)
-	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso $(ARGS)
+mnist-rso: install ## train the default RSO run on MNIST (under 15 min on 2 CPU cores; run again, it continues runs/mnist-rso)
+	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso --resume-if-exists $(ARGS)
 
 record-mnist-rso: install ## copy runs/mnist-rso into results/mnist_rso with an independent evaluation
 	$(PYTHON) -m experiments.record_run $(RUNS)/mnist-rso results/mnist_rso
@@ -31,7 +32,7 @@ mnist-rso-paper: install ## the authors' configuration (--preset authors: paper6
 	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso-paper --preset authors --resume-if-exists $(ARGS)
 
 mnist-sgd: install ## the backprop baseline (SGD with momentum) on the same model
-	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-sgd --optimizer sgd --batch-size 100 $(ARGS)
+	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-sgd --optimizer sgd --batch-size 100 --resume-if-exists $(ARGS)
 
 bench: install ## speed of the scoring engines side by side: fast 1 and N workers, prefix-cache, reference; memory
 	$(PYTHON) -m rso.bench $(ARGS)
@@ -73,6 +74,9 @@ faults: install ## the fault-injection matrix (kills, signals, lock, full disk, 
 
 readme: install ## regenerate the README's results section from results/
 	$(PYTHON) -m experiments.readme_section --update-readme README.md
+
+tensorboard-check: install ## two short runs (RSO, SGD) served by TensorBoard, screenshotted with headless chromium -> results/tensorboard
+	$(PYTHON) -m experiments.tensorboard_check $(ARGS)
 
 tensorboard: install ## serve the runs folder on http://localhost:6006
 	$(PYTHON) -m tensorboard.main --logdir $(RUNS) --host localhost --port 6006

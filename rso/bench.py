@@ -365,7 +365,7 @@ def commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m rso.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rso.bench", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--workers", type=int, default=2, help="workers of the multi-process fast engine (2)")

@@ -10,7 +10,8 @@ that jumps from tensor to tensor. Instead:
   engine recomputes), estimated from the layers' multiply-adds and element counts on one example;
 - the ETA adds up the sweeps still to come, each at the seconds the same tensor's last sweep took in this run
   (kept in the checkpoint, so a resumed run starts from its own timings), or, for a tensor not yet swept, its
-  estimated work at this run's measured seconds per sample-equivalent.
+  estimated work at this run's measured seconds per sample-equivalent plus a fixed overhead per visit, both
+  fitted to the sweeps timed so far and the running sweep's own pace.
 
 Nothing here changes what the search does; it only reads the model's shapes and the clock.
 """
@@ -77,6 +78,7 @@ class SweepCost:
     per_visit: float
     numel: int
     after: float = 0.0      # after the last visit: the evaluation
+    looped: bool = True     # the visits run one by one in Python (each with a fixed overhead), not fused
 
     @property
     def total(self) -> float:
@@ -93,6 +95,7 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
     if layers is None or not incremental:
         return {target.name: SweepCost(0.0, N_CANDIDATES * batch_size, target.numel, evaluation_samples)
                 for target in targets}
+    fused_head = example.device.type == "cpu"   # the fast engine runs the output layer's sweep as one numba loop
     from rso.engines.plan import plan_sweep
 
     costs, elements = [work for work, _ in layers], [count for _, count in layers]
@@ -112,7 +115,7 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
             candidate += sum(costs[plan.next_index + 1:])
         # once per sweep: the caches (a forward pass of the used examples) and the evaluation after the sweep
         result[target.name] = SweepCost(used, N_CANDIDATES * batch_size * candidate / full, target.numel,
-                                        evaluation_samples)
+                                        evaluation_samples, looped=not (plan.head_only and fused_head))
     return result
 
 
@@ -164,34 +167,64 @@ class SweepProgress:
         started, visits = self.first_report
         return (self.clock() - started) / (self.visits - visits)
 
-    def seconds_per_sample(self) -> float | None:
-        """This run's measured seconds per sample-equivalent: over the tensors it has timed, or, before the
-        first sweep ends, from the running sweep's pace."""
-        timed = [name for name in self.order if name in self.timings]
-        work = sum(self.costs[name].total for name in timed)
-        if work > 0:
-            return sum(self.timings[name] for name in timed) / work
+    def rates(self) -> tuple[float, float] | None:
+        """This run's (seconds per sample-equivalent, seconds of fixed overhead per looped visit), fitted to
+        the sweeps it has timed and the running sweep's pace (relative least squares, both non-negative)."""
+        rows = []   # (sample-equivalents, looped visits, seconds)
+        for name in self.order:
+            if name in self.timings:
+                cost = self.costs[name]
+                rows.append((cost.total, cost.numel * cost.looped, self.timings[name]))
         pace, cost = self._pace(), self.costs[self.order[self.index]]
-        return pace / cost.per_visit if pace is not None and cost.per_visit > 0 else None
+        if pace is not None and self.order[self.index] not in self.timings:
+            rows.append((cost.per_visit, float(cost.looped), pace))
+        rows = [(work / seconds, visits / seconds) for work, visits, seconds in rows if seconds > 0]
+        if not rows:
+            return None
+        # minimize sum((a * work + b * visits) / seconds - 1)^2: the normal equations of two unknowns
+        s_ww = sum(w * w for w, _ in rows)
+        s_vv = sum(v * v for _, v in rows)
+        s_wv = sum(w * v for w, v in rows)
+        s_w, s_v = sum(w for w, _ in rows), sum(v for _, v in rows)
+        determinant = s_ww * s_vv - s_wv * s_wv
+        if len(rows) >= 2 and determinant > 1e-12 * s_ww * s_vv:
+            a, b = (s_w * s_vv - s_v * s_wv) / determinant, (s_v * s_ww - s_w * s_wv) / determinant
+            if a >= 0 and b >= 0:
+                return a, b
+        # one unknown: all of it per sample-equivalent, or (when that fits better) all per visit
+        fits = [(s_w / s_ww, 0.0)] if s_ww > 0 else []
+        if s_vv > 0:
+            fits.append((0.0, s_v / s_vv))
+        return min(fits, key=lambda ab: sum((ab[0] * w + ab[1] * v - 1) ** 2 for w, v in rows))
 
     def predicted(self, name: str) -> float | None:
         if name in self.timings:
             return self.timings[name]
-        rate = self.seconds_per_sample()
-        return None if rate is None else self.costs[name].total * rate
+        rates = self.rates()
+        if rates is None:
+            return None
+        cost = self.costs[name]
+        return rates[0] * cost.total + rates[1] * cost.numel * cost.looped
 
     def _current_sweep_left(self, predicted: float | None) -> float | None:
         """Seconds left in the running sweep: for a tensor swept for the first time, at the sweep's own pace
-        once it has reported twice; else its predicted time less the fraction of its work done."""
+        once it has reported twice, else at the fitted rates; for a timed one, its last time less the part
+        of it done (as the rates split it)."""
         name = self.order[self.index]
-        cost = self.costs[name]
-        pace, rate = self._pace(), self.seconds_per_sample()
-        if name not in self.timings and pace is not None and rate is not None:
-            return pace * (cost.numel - self.visits) + rate * cost.after
-        if predicted is None:
+        cost, pace, rates = self.costs[name], self._pace(), self.rates()
+        if rates is None:
             return None
-        fraction = (cost.setup + cost.per_visit * self.visits) / cost.total if self.visits and cost.total else 0.0
-        return predicted * (1 - fraction)
+        per_sample, per_visit = rates
+        left = cost.numel - self.visits
+        if name not in self.timings:
+            if pace is not None:
+                return pace * left + per_sample * cost.after
+            return (per_sample * (cost.per_visit * left + cost.after + (cost.setup if not self.visits else 0.0))
+                    + per_visit * left * cost.looped)
+        modelled = per_sample * cost.total + per_visit * cost.numel * cost.looped
+        done = (per_sample * (cost.setup + cost.per_visit * self.visits) + per_visit * self.visits * cost.looped
+                if self.visits else 0.0)
+        return predicted * (1 - done / modelled) if modelled > 0 else predicted
 
     def eta(self) -> float | None:
         """Seconds left: the rest of this sweep and every sweep after it, at their predicted times."""

@@ -225,6 +225,19 @@ class Trainer:
         self.has_batchnorm = any(isinstance(module, BATCHNORMS) for module in self.model.modules())
         if state is None:
             self.logger.start_dashboard(config.to_dict(), self.has_batchnorm)
+        else:
+            self.announce_resume()
+
+    def announce_resume(self) -> None:
+        """Say which run goes on, from where, and whether anything is left to train."""
+        progress, config = self.progress, self.config
+        budget, unit = (config.cycles, "cycle") if config.optimizer == "rso" else (config.epochs, "epoch")
+        where = f"{progress.cycle} of {budget} {unit}s done" + (
+            f", next sweep {progress.target_index + 1}" if config.optimizer == "rso" and progress.target_index else "")
+        self.logger.line(f"resuming {self.folder} ({where}, {progress.visits} weight updates)")
+        if progress.cycle >= budget:
+            self.logger.line(f"{self.folder} has already done its {budget} {unit}s: nothing to train, only the final "
+                             f"evaluation (to go on, raise --{unit}s; to start afresh, give another --name)")
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:

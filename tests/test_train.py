@@ -36,6 +36,9 @@ def test_rso_run_writes_events_config_checkpoint_and_final_metrics(tmp_path, dat
     # the checkpoint loads with weights_only=True, and an independent evaluation agrees with the run
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
     assert set(state) >= {"model", "config", "progress", "generator"}
+    # each tensor's last sweep time, which a resumed run's ETA starts from
+    assert set(state["progress"]["sweep_seconds"]) == {"0.weight", "1.bias", "1.weight", "4.weight", "5.bias",
+                                                       "5.weight", "8.weight"}
     assert evaluate_main([str(folder), "--data-dir", str(data_dir), "--test-subset", "500"]) == 0
     assert f"test accuracy {final['test_accuracy']:.4f}" in capsys.readouterr().out
     # TensorBoard events hold the documented tags, steps in weight visits
@@ -256,3 +259,16 @@ def test_git_revision_ignores_the_results_folder(tmp_path):
     assert git_revision(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_revision(tmp_path) == clean + "-dirty"
+
+
+def test_running_a_finished_run_again_says_so_and_trains_nothing(tmp_path, data_dir, capsys):
+    """What make mnist-rso does the second time: --resume-if-exists continues the run, or says it is done."""
+    flags = ["--cycles", "1", "--data-dir", str(data_dir), "--eval-every", "cycle", "--resume-if-exists"]
+    assert run(tmp_path, *flags, name="again") == 0
+    visits = json.loads((tmp_path / "again" / "final.json").read_text())["visits"]
+    capsys.readouterr()
+    assert run(tmp_path, *flags, name="again") == 0
+    out = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'again'} (1 of 1 cycles done" in out and "nothing to train" in out
+    assert json.loads((tmp_path / "again" / "final.json").read_text())["visits"] == visits
+    assert not (tmp_path / "again-1").exists()

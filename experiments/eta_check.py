@@ -1,0 +1,161 @@
+"""Is the RSO progress bar's ETA honest? Train a ``paper6`` run on a slice of MNIST and compare, at every
+progress report, the ETA the bar shows with the time the run actually still took; or replay the sweep times
+of a run's ``log.txt`` through the same ETA model, at every sweep boundary.
+
+    python -m experiments.eta_check                  # paper6, 1000 training examples, batch 200, one cycle
+    python -m experiments.eta_check --cycles 2 --train-subset 2000 --batch-size 500
+    python -m experiments.eta_check --replay runs/mnist-rso/log.txt --model oneconv --batch-size 1000
+
+Writes ``eta.csv`` (one row per report: seconds since the start, cycle, tensor, visits into the sweep, ETA,
+actual remaining time) into ``--out`` and prints, per sweep, the ETA at its first report against the actual
+remaining time, then the largest relative error after the first sweep. The remaining time is measured to the
+end of the last sweep (the ETA does not include the final evaluation over the whole training set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rso import progress as progress_module
+from rso.config import TrainConfig
+from rso.train import train
+
+
+SWEEP_LINE = re.compile(r"^(?:\S+ )?cycle (\d+)/(\d+) (\S+) .*\(([\d.]+) s, [\d.]+ s total\)")
+
+
+def replay(args) -> int:
+    """Feed the sweep times of a log into SweepProgress: at the start of every sweep after the first, the ETA
+    (from the sweeps logged before it) against the time the logged sweeps after that point actually took.
+    Sweep times in the log exclude the evaluations, so the model counts none."""
+    import torch
+
+    from rso.models import build_model
+    from rso.search.visit import visit_order
+
+    sweeps = [(int(m.group(1)) - 1, m.group(3), float(m.group(4)))
+              for m in map(SWEEP_LINE.match, Path(args.replay).read_text().splitlines()) if m]
+    if not sweeps:
+        raise SystemExit(f"error: no sweep lines ('cycle c/C tensor ... (s s, t s total)') in {args.replay}")
+    model = build_model(args.model, torch.Generator().manual_seed(0))
+    targets = visit_order(model)
+    order = [target.name for target in targets]
+    if [name for _, name, _ in sweeps[:len(order)]] != order[:len(sweeps)]:
+        raise SystemExit(f"error: the log's tensors do not follow {args.model}'s visit order {order}")
+    costs = progress_module.sweep_costs(model, targets, torch.zeros(1, 1, 28, 28), args.batch_size,
+                                        args.train_examples, incremental=True)
+    now = [0.0]
+    tracker = progress_module.SweepProgress(costs, order, cycles=sweeps[-1][0] + 1, timings={}, clock=lambda: now[0])
+    # the ETA covers the run up to the end of the log: cut the model's schedule there
+    logged = len(sweeps)
+    rows, worst = [], 0.0
+    for position, (cycle, name, seconds) in enumerate(sweeps):
+        tracker.begin_sweep(cycle, order.index(name))
+        if position:
+            predictions = {other: tracker.predicted(other) for other in order}
+            eta = sum(predictions[sweeps[later][1]] for later in range(position, logged))
+            actual = sum(sweep[2] for sweep in sweeps[position:])
+            error = (eta - actual) / actual
+            worst = max(worst, abs(error))
+            rows.append({"sweep": position, "cycle": cycle + 1, "tensor": name, "elapsed": round(now[0], 1),
+                         "eta": round(eta, 1), "actual": round(actual, 1), "error": round(error, 4)})
+        now[0] += seconds
+        tracker.end_sweep()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"eta_replay_{args.model}.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{args.replay}: {logged} sweeps, {now[0]:.0f} s; {args.model}, batch {args.batch_size}, "
+          f"{args.train_examples} training examples")
+    print(f"{'sweep':>5} {'cycle':>5} {'tensor':<12} {'at s':>8} {'ETA s':>8} {'actual s':>9} {'error':>7}")
+    for row in rows:
+        print(f"{row['sweep']:>5} {row['cycle']:>5} {row['tensor']:<12} {row['elapsed']:8.0f} {row['eta']:8.0f} "
+              f"{row['actual']:9.0f} {row['error']:+7.1%}")
+    print(f"after the first sweep: largest |ETA - actual| / actual {worst:.1%} (tolerance {args.tolerance:.0%}); {path}")
+    return 0 if worst <= args.tolerance else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.eta_check",
+                                     description="Compare the RSO progress bar's ETA with the actual remaining time.")
+    parser.add_argument("--model", default="paper6")
+    parser.add_argument("--train-subset", type=int, default=1000)
+    parser.add_argument("--test-subset", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--cycles", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tolerance", type=float, default=0.25, help="allowed |ETA - actual| / actual")
+    parser.add_argument("--out", default="results/progress")
+    parser.add_argument("--replay", help="a run's log.txt: replay its sweep times instead of training")
+    parser.add_argument("--train-examples", type=int, default=60000, help="--replay: training examples of the run")
+    args = parser.parse_args(argv)
+    if args.replay:
+        return replay(args)
+
+    reports: list[dict] = []
+    sweep_ends: list[float] = []
+    original_eta, original_end = progress_module.SweepProgress.eta, progress_module.SweepProgress.end_sweep
+    start = time.perf_counter()
+
+    def eta(self):
+        value = original_eta(self)
+        reports.append({"seconds": time.perf_counter() - start, "cycle": self.cycle + 1,
+                        "tensor": self.order[self.index], "sweep": self.cycle * len(self.order) + self.index,
+                        "visits": self.visits, "eta": value})
+        return value
+
+    def end_sweep(self):
+        sweep_ends.append(time.perf_counter() - start)
+        return original_end(self)
+
+    progress_module.SweepProgress.eta, progress_module.SweepProgress.end_sweep = eta, end_sweep
+    try:
+        with tempfile.TemporaryDirectory(prefix="rso-eta-") as folder:
+            train(TrainConfig(model=args.model, train_subset=args.train_subset, test_subset=args.test_subset,
+                              batch_size=args.batch_size, cycles=args.cycles, threads=args.threads,
+                              bn_samples=args.train_subset, run_dir=folder, name="eta", progress=True))
+    finally:
+        progress_module.SweepProgress.eta, progress_module.SweepProgress.end_sweep = original_eta, original_end
+
+    end = sweep_ends[-1]
+    for report in reports:
+        report["actual"] = end - report["seconds"]
+        report["error"] = ((report["eta"] - report["actual"]) / report["actual"]
+                           if report["eta"] is not None and report["actual"] > 0 else None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "eta.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(reports[0]))
+        writer.writeheader()
+        writer.writerows([{key: (round(value, 3) if isinstance(value, float) else value) for key, value in row.items()}
+                          for row in reports])
+    print(f"\n{args.model}, {args.train_subset} training examples, batch {args.batch_size}, {args.cycles} cycle(s): "
+          f"{end:.0f} s of sweeps")
+    print(f"{'sweep':>5} {'tensor':<12} {'at s':>7} {'ETA s':>8} {'actual s':>9} {'error':>7}")
+    firsts = {}
+    for report in reports:
+        firsts.setdefault(report["sweep"], report)
+    for sweep, report in firsts.items():
+        eta_text = f"{report['eta']:.0f}" if report["eta"] is not None else "?"
+        error = f"{report['error']:+.0%}" if report["error"] is not None else ""
+        print(f"{sweep:>5} {report['tensor']:<12} {report['seconds']:7.0f} {eta_text:>8} {report['actual']:9.0f} {error:>7}")
+    after_first = [report for report in reports if report["sweep"] >= 1]
+    errors = [abs(report["error"]) for report in after_first if report["error"] is not None]
+    missing = sum(report["eta"] is None for report in after_first)
+    worst = max(errors) if errors else float("nan")
+    print(f"after the first sweep: {len(after_first)} reports, {missing} without an ETA, largest |ETA - actual| / actual "
+          f"{worst:.1%} (tolerance {args.tolerance:.0%}); {out / 'eta.csv'}")
+    return 0 if errors and not missing and worst <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

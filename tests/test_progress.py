@@ -1,0 +1,104 @@
+"""The RSO progress bar's cost model and ETA (rso.progress), on a simulated clock: no timed tests."""
+
+import pytest
+import torch
+
+from rso.models import build_model
+from rso.progress import SweepCost, SweepProgress, format_seconds, sweep_costs
+from rso.search.visit import visit_order
+
+EXAMPLE = torch.zeros(1, 1, 28, 28)
+
+
+def test_reference_engine_costs_three_full_forward_passes_per_visit():
+    model = build_model("convnet", torch.Generator().manual_seed(0), depth=2, channels=3)
+    targets = visit_order(model)
+    costs = sweep_costs(model, targets, EXAMPLE, batch_size=100, n_examples=1050, incremental=False,
+                        evaluation_samples=500)
+    assert set(costs) == {target.name for target in targets}
+    for target in targets:
+        cost = costs[target.name]
+        assert (cost.setup, cost.per_visit, cost.numel, cost.after) == (0.0, 300, target.numel, 500)
+
+
+def test_fast_engine_visits_cost_more_the_further_they_are_from_the_output():
+    model = build_model("paper6", torch.Generator().manual_seed(0))
+    targets = visit_order(model)
+    costs = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, incremental=True)
+    convs = [target.name for target in targets if target.kind == "weight" and target.parameter.dim() == 4]
+    per_visit = [costs[name].per_visit for name in convs]          # output-first order: last conv first
+    assert per_visit == sorted(per_visit) and per_visit[-1] > 100 * per_visit[0]
+    head = costs[targets[0].name]
+    assert head.per_visit < per_visit[0] and not head.looped      # the fused numba sweep of the output layer
+    assert all(costs[name].setup == 60000 for name in costs)       # the caches: one pass over the used examples
+    # every visit is cheaper than the reference's three full forward passes
+    assert all(0 < cost.per_visit < 3 * 5000 for cost in costs.values())
+
+
+def simulate(costs, order, cycles, seconds_per_sample, seconds_per_visit, timings=None, start=(0, 0)):
+    """Run a SweepProgress on a fake clock where every sweep costs exactly what the model says; returns
+    (eta, true remaining, cycle, index, visits) at every report."""
+    now = [0.0]
+    tracker = SweepProgress(costs, order, cycles, {} if timings is None else timings, clock=lambda: now[0])
+    schedule = [(cycle, index) for cycle in range(cycles) for index in range(len(order))]
+    schedule = schedule[schedule.index(start):]
+
+    def sweep_seconds(name):
+        cost = costs[name]
+        return seconds_per_sample * cost.total + seconds_per_visit * cost.numel * cost.looped
+
+    end = sum(sweep_seconds(order[index]) for _, index in schedule)
+    seen = []
+    for cycle, index in schedule:
+        cost = costs[order[index]]
+        tracker.begin_sweep(cycle, index)
+        seen.append((tracker.eta(), end - now[0], cycle, index, 0))
+        now[0] += seconds_per_sample * cost.setup
+        for _ in range(0, cost.numel, 4):
+            visits = min(4, cost.numel - tracker.visits)
+            now[0] += visits * (seconds_per_sample * cost.per_visit + seconds_per_visit * cost.looped)
+            tracker.advance(visits)
+            seen.append((tracker.eta(), end - now[0], cycle, index, tracker.visits))
+        now[0] += seconds_per_sample * cost.after
+        tracker.end_sweep()
+    assert now[0] == pytest.approx(end)
+    return seen, tracker
+
+
+COSTS = {"head": SweepCost(1000.0, 2.0, 40, 500.0, looped=False), "conv2": SweepCost(1000.0, 50.0, 64, 500.0),
+         "bn": SweepCost(1000.0, 40.0, 8, 500.0), "conv1": SweepCost(1000.0, 400.0, 32, 500.0)}
+ORDER = ["head", "conv2", "bn", "conv1"]
+
+
+def test_eta_is_exact_once_both_rates_are_measured():
+    """With sweeps that cost what the model says, the ETA equals the remaining time from the second sweep's
+    second report on: one rate comes from the first sweep, the per-visit overhead from the second's pace."""
+    seen, tracker = simulate(COSTS, ORDER, cycles=2, seconds_per_sample=1e-4, seconds_per_visit=0.05)
+    assert seen[0][0] is None                     # nothing measured yet: no ETA
+    checked = 0
+    for eta, remaining, cycle, index, visits in seen:
+        if (cycle, index) >= (0, 1) and (visits >= 8 or index >= 2 or cycle > 0):
+            assert eta == pytest.approx(remaining, rel=1e-9, abs=1e-9)
+            checked += 1
+    assert checked > 50
+    assert set(tracker.timings) == set(ORDER)
+
+
+def test_a_resumed_run_starts_from_its_own_timings():
+    _, first = simulate(COSTS, ORDER, cycles=1, seconds_per_sample=1e-4, seconds_per_visit=0.05)
+    # resumed at the second cycle's third sweep, with the timings the checkpoint kept: an exact ETA at once
+    seen, _ = simulate(COSTS, ORDER, cycles=2, seconds_per_sample=1e-4, seconds_per_visit=0.05,
+                       timings=dict(first.timings), start=(1, 2))
+    assert seen[0][0] == pytest.approx(seen[0][1], rel=1e-9)
+    assert all(eta == pytest.approx(remaining, rel=1e-9, abs=1e-9) for eta, remaining, *_ in seen)
+
+
+def test_work_done_counts_sample_equivalents():
+    tracker = SweepProgress(COSTS, ORDER, cycles=3, timings={})
+    assert tracker.total == 3 * sum(cost.total for cost in COSTS.values())
+    assert tracker.done(1, 0, 0) == tracker.per_cycle
+    assert tracker.done(0, 2, 5) == COSTS["head"].total + COSTS["conv2"].total + 1000.0 + 5 * 40.0
+
+
+def test_format_seconds():
+    assert (format_seconds(None), format_seconds(59.6), format_seconds(3725)) == ("?", "01:00", "1:02:05")
