@@ -23,7 +23,8 @@ from pathlib import Path
 
 from rso import dashboard as tags
 
-PAGES = {"timeseries": "#timeseries", "custom_scalars": "#custom_scalars", "hparams": "#hparams"}
+# forceSVG: Time Series draws its charts with WebGL, which a headless browser without a GPU leaves blank
+PAGES = {"timeseries": "?forceSVG=true#timeseries", "custom_scalars": "#custom_scalars", "hparams": "#hparams"}
 RUNS = {
     "rso": ["--optimizer", "rso", "--cycles", "2", "--batch-size", "500"],
     "sgd": ["--optimizer", "sgd", "--epochs", "2", "--batch-size", "100"],
@@ -87,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.tensorboard_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--logdir", default="runs/tensorboard-check", help="where the two runs go (emptied first)")
     parser.add_argument("--out", default="results/tensorboard", help="folder for the screenshots")
-    parser.add_argument("--size", default="1400,1000", help="browser window, width,height")
-    parser.add_argument("--budget-ms", type=int, default=20000, help="virtual time the page gets to load")
+    parser.add_argument("--size", default="1600,1100", help="browser window, width,height")
+    parser.add_argument("--budget-ms", type=int, default=30000, help="virtual time the page gets to load")
+    parser.add_argument("--no-training", dest="train", action="store_false",
+                        help="screenshot the runs already in --logdir (from an earlier check)")
     args = parser.parse_args(argv)
     browser = find_chromium()
     logdir, out = Path(args.logdir), Path(args.out)
-    shutil.rmtree(logdir, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    for name, flags in RUNS.items():
+    if args.train:
+        shutil.rmtree(logdir, ignore_errors=True)
+    for name, flags in RUNS.items() if args.train else ():
         command = [sys.executable, "-m", "rso.train", *COMMON, *flags, "--run-dir", str(logdir), "--name", name]
         print("$", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True)

@@ -51,6 +51,7 @@ from rso.storage import RunFolderLock, StorageError
 
 LOSS_EVERY = 256          # RSO: a train-loss point every this many weight visits (and at the end of each sweep)
 LOSS_EVERY_STEPS = 25     # backprop: a train-loss point every this many steps (fewer on a short epoch)
+TESTS_PER_EPOCH = 4       # backprop: test accuracy and loss this many times an epoch (TensorBoard only)
 
 
 class RunError(RuntimeError):
@@ -512,7 +513,8 @@ class Trainer:
         bar = tqdm(total=config.epochs * steps_per_epoch, initial=progress.optimizer_steps, unit="step",
                    dynamic_ncols=True, disable=not config.progress)
         every = max(1, min(LOSS_EVERY_STEPS, steps_per_epoch // 10))   # the train-loss curve: a point every few dozen steps
-        window = {"steps": 0, "loss": 0.0, "in_epoch": 0}
+        test_every = max(1, steps_per_epoch // TESTS_PER_EPOCH)      # and a test point a few times an epoch
+        window = {"steps": 0, "loss": 0.0, "in_epoch": 0, "test_seconds": 0.0}
 
         def on_progress(loss: float) -> None:
             bar.update(1)
@@ -525,11 +527,20 @@ class Trainer:
                                 progress.forward_samples + 2 * window["in_epoch"] * config.batch_size,
                                 **{tags.TRAIN_LOSS: window["loss"] / window["steps"]})
                 window.update(steps=0, loss=0.0)
+            if window["in_epoch"] % test_every == 0 and window["in_epoch"] < steps_per_epoch:
+                # TensorBoard only (the history and the comparisons keep one evaluation per epoch); evaluating
+                # restores train mode and touches only BN running statistics, never the weights
+                test_start = time.perf_counter()
+                accuracy, test_loss = self.evaluate()
+                self.log_curves(progress.visits + window["in_epoch"] * n_weights,
+                                progress.forward_samples + 2 * window["in_epoch"] * config.batch_size,
+                                **{tags.TEST_ACCURACY: accuracy, tags.TEST_LOSS: test_loss})
+                window["test_seconds"] += time.perf_counter() - test_start
 
         try:
             while progress.cycle < config.epochs:
                 epoch_start = time.perf_counter()
-                window.update(steps=0, loss=0.0, in_epoch=0)
+                window.update(steps=0, loss=0.0, in_epoch=0, test_seconds=0.0)
                 loss, steps = train_epoch(self.model, self.optimizer, self.data.train_images, self.data.train_labels,
                                           config.batch_size, self.generator, on_progress)
                 if window["steps"]:
@@ -540,7 +551,7 @@ class Trainer:
                 progress.visits += steps * n_weights
                 progress.forward_samples += 2 * steps * config.batch_size
                 progress.cycle += 1
-                progress.seconds += time.perf_counter() - epoch_start
+                progress.seconds += time.perf_counter() - epoch_start - window["test_seconds"]
                 accuracy, test_loss = self.evaluate()
                 self.record(progress.visits, loss, accuracy, test_loss, epoch=progress.cycle)
                 for name, parameter in self.model.named_parameters():
