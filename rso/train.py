@@ -353,12 +353,11 @@ class Trainer:
                    "optimizer_steps": self.progress.optimizer_steps, "seconds": round(self.progress.seconds, 2),
                    "cycles_done" if self.config.optimizer == "rso" else "epochs_done": self.progress.cycle,
                    "stopped_by": reason, "wall_seconds_this_session": round(time.perf_counter() - started, 2)}
-        has_batchnorm = self.has_batchnorm
         self.logger.scalar(tags.FINAL_ACCURACY, accuracy, self.progress.visits)
         self.logger.scalar(tags.FINAL_LOSS, test_loss, self.progress.visits)
         self.logger.line(f"final: test accuracy {accuracy:.4f}, test loss {test_loss:.4f}"
                          + (f" (BN statistics over all {len(self.data.train_labels)} training examples)"
-                            if has_batchnorm else "")
+                            if self.has_batchnorm else "")
                          + f"; run folder {self.folder}" + (f"; stopped: {reason}" if reason else ""))
         self.logger.finish(metrics)
         return {**metrics, "run_folder": str(self.folder), "history": list(self.progress.history)}
