@@ -28,6 +28,9 @@ from torch import nn
 from rso.search.visit import BATCHNORMS, SearchTarget
 
 N_CANDIDATES = 3
+# Beyond its multiply-adds, a candidate reads and writes cached tensors for every example of its chunk: fitted
+# to results/bench/bench.json (paper6, batch 5000), about 1% of a full forward pass per example.
+CANDIDATE_OVERHEAD = 0.01
 # An elementwise op (BN, ReLU, pooling, the one-channel delta) moves memory; on the CPUs measured here one
 # element of it costs about as much as this many multiply-adds of a convolution.
 ELEMENT_COST = 4.0
@@ -114,6 +117,8 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
             candidate += costs[plan.next_index] / max(fan_in, 1) + ELEMENT_COST * elements[plan.next_index]
             candidate += sum(costs[plan.next_index + 1:])
         # once per sweep: the caches (a forward pass of the used examples) and the evaluation after the sweep
+        if not (plan.head_only and fused_head):
+            candidate += CANDIDATE_OVERHEAD * full
         result[target.name] = SweepCost(used, N_CANDIDATES * batch_size * candidate / full, target.numel,
                                         evaluation_samples, looped=not (plan.head_only and fused_head))
     return result

@@ -27,7 +27,7 @@ def test_fast_engine_visits_cost_more_the_further_they_are_from_the_output():
     costs = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, incremental=True)
     convs = [target.name for target in targets if target.kind == "weight" and target.parameter.dim() == 4]
     per_visit = [costs[name].per_visit for name in convs]          # output-first order: last conv first
-    assert per_visit == sorted(per_visit) and per_visit[-1] > 100 * per_visit[0]
+    assert per_visit == sorted(per_visit) and per_visit[-1] > 10 * per_visit[0]
     head = costs[targets[0].name]
     assert head.per_visit < per_visit[0] and not head.looped      # the fused numba sweep of the output layer
     assert all(costs[name].setup == 60000 for name in costs)       # the caches: one pass over the used examples
