@@ -50,7 +50,7 @@ def replay(args) -> int:
     if [name for _, name, _ in sweeps[:len(order)]] != order[:len(sweeps)]:
         raise SystemExit(f"error: the log's tensors do not follow {args.model}'s visit order {order}")
     costs = progress_module.sweep_costs(model, targets, torch.zeros(1, 1, 28, 28), args.batch_size,
-                                        args.train_examples, incremental=True)
+                                        args.train_examples)
     now = [0.0]
     tracker = progress_module.SweepProgress(costs, order, cycles=sweeps[-1][0] + 1, timings={}, clock=lambda: now[0])
     # the ETA covers the run up to the end of the log: cut the model's schedule there

@@ -88,14 +88,18 @@ class SweepCost:
         return self.setup + self.per_visit * self.numel + self.after
 
 
+SCORINGS = {"reference": "full", "prefix-cache": "prefix"}   # engine name -> how it scores; others: incremental
+
+
 def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Tensor, batch_size: int,
-                n_examples: int, incremental: bool, evaluation_samples: float = 0.0) -> dict[str, SweepCost]:
-    """Each target's :class:`SweepCost`. ``incremental``: the engine caches the layers below the searched one
-    and recomputes one channel up to the next linear layer (the fast engine); else every candidate is a full
-    forward pass. ``evaluation_samples``: examples an evaluation after the sweep passes through the network."""
+                n_examples: int, scoring: str = "incremental", evaluation_samples: float = 0.0) -> dict[str, SweepCost]:
+    """Each target's :class:`SweepCost`. ``scoring``: ``full`` (every candidate a full forward pass, the
+    reference engine), ``prefix`` (the layers below the searched one cached, the rest run in full: the
+    prefix-cache engine) or ``incremental`` (cached, and one channel recomputed up to the next linear layer:
+    the fast engine). ``evaluation_samples``: examples an evaluation after the sweep passes through the network."""
     layers = layer_costs(model, example)
     used = (n_examples // batch_size) * batch_size
-    if layers is None or not incremental:
+    if layers is None or scoring == "full":
         return {target.name: SweepCost(0.0, N_CANDIDATES * batch_size, target.numel, evaluation_samples)
                 for target in targets}
     fused_head = example.device.type == "cpu"   # the fast engine runs the output layer's sweep as one numba loop
@@ -106,6 +110,11 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
     result = {}
     for target in targets:
         plan = plan_sweep(model, target)
+        if scoring == "prefix":
+            rest = sum(costs[plan.searched:]) + CANDIDATE_OVERHEAD * full
+            result[target.name] = SweepCost(used * sum(costs[:plan.searched]) / full,
+                                            N_CANDIDATES * batch_size * rest / full, target.numel, evaluation_samples)
+            continue
         channels = _out_channels(plan.layers[plan.searched])
         block_start = plan.searched if isinstance(target.module, BATCHNORMS) else plan.searched + 1
         # every candidate: the channel's delta, its BN/ReLU/pooling, the next layer's output updated by one

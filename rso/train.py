@@ -38,7 +38,7 @@ from rso.engines import ENGINES, make_engine
 from rso.evaluate import evaluate, recalibrate_batchnorm
 from rso.interrupts import INTERRUPTS, StopRequested
 from rso.models import build_model, count_weights
-from rso.progress import SweepProgress, format_seconds, sweep_costs
+from rso.progress import SCORINGS, SweepProgress, format_seconds, sweep_costs
 from rso.resources import ResourceError, check_model_fits
 from rso.runs import RunLogger, unique_run_dir
 from rso.search.candidates import get_sampler
@@ -397,7 +397,7 @@ class Trainer:
             self.world.check_same(sum(float(p.detach().double().sum()) for p in self.model.parameters()),
                                   "the starting weights")
         costs = sweep_costs(self.model, targets, self.data.train_images[:1], config.batch_size,
-                            len(self.data.train_labels), incremental=engine.name != "reference")
+                            len(self.data.train_labels), SCORINGS.get(engine.name, "incremental"))
         evaluation_samples = min(config.bn_samples, len(self.data.train_labels)) + len(self.data.test_labels)
         for target in (targets if config.eval_every == "sweep" else targets[-1:]):
             costs[target.name].after = evaluation_samples

@@ -13,7 +13,7 @@ EXAMPLE = torch.zeros(1, 1, 28, 28)
 def test_reference_engine_costs_three_full_forward_passes_per_visit():
     model = build_model("convnet", torch.Generator().manual_seed(0), depth=2, channels=3)
     targets = visit_order(model)
-    costs = sweep_costs(model, targets, EXAMPLE, batch_size=100, n_examples=1050, incremental=False,
+    costs = sweep_costs(model, targets, EXAMPLE, batch_size=100, n_examples=1050, scoring="full",
                         evaluation_samples=500)
     assert set(costs) == {target.name for target in targets}
     for target in targets:
@@ -24,7 +24,7 @@ def test_reference_engine_costs_three_full_forward_passes_per_visit():
 def test_fast_engine_visits_cost_more_the_further_they_are_from_the_output():
     model = build_model("paper6", torch.Generator().manual_seed(0))
     targets = visit_order(model)
-    costs = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, incremental=True)
+    costs = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, scoring="incremental")
     convs = [target.name for target in targets if target.kind == "weight" and target.parameter.dim() == 4]
     per_visit = [costs[name].per_visit for name in convs]          # output-first order: last conv first
     assert per_visit == sorted(per_visit) and per_visit[-1] > 10 * per_visit[0]
@@ -33,6 +33,9 @@ def test_fast_engine_visits_cost_more_the_further_they_are_from_the_output():
     assert all(costs[name].setup == 60000 for name in costs)       # the caches: one pass over the used examples
     # every visit is cheaper than the reference's three full forward passes
     assert all(0 < cost.per_visit < 3 * 5000 for cost in costs.values())
+    # the prefix-cache engine runs every layer from the searched one up: dearer than incremental, cheaper than full
+    prefix = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, scoring="prefix")
+    assert all(costs[name].per_visit < prefix[name].per_visit < 3 * 5000 * 1.02 for name in convs)
 
 
 def simulate(costs, order, cycles, seconds_per_sample, seconds_per_visit, timings=None, start=(0, 0)):

@@ -153,7 +153,8 @@ def test_evaluating_a_mid_run_checkpoint_recomputes_stale_bn_statistics(tmp_path
     finally:
         train_module.run_sweep = real_sweep
     state = load_checkpoint(tmp_path / "run")
-    assert state["bn_statistics_step"] is None and state["progress"]["visits"] > 0
+    # the saved BN statistics are the initial weights' (the step-0 evaluation), stale after the first sweep
+    assert state["bn_statistics_step"] == 0 and state["progress"]["visits"] > 0
     assert evaluate_main([str(tmp_path / "run"), "--data-dir", str(data_dir), "--bn-samples", "1200"]) == 0
     assert "BN statistics recomputed from 1200 training examples" in capsys.readouterr().out
 
