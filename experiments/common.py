@@ -4,7 +4,9 @@ An experiment builds a list of :class:`Run` (a label, the columns that describe 
 and hands it to :func:`run_all`, which trains each one under ``runs/experiments/<name>/`` (one TensorBoard
 run per config and seed), and returns one :class:`Result` per run. The helpers below turn results into
 ``history.csv`` (one row per evaluation), ``runs.csv`` (one row per run), PNG plots and Markdown tables,
-each tied to the command, the git commit and the machine that produced it (``provenance.json``).
+each tied to the command, the git commit and the machine that produced it (``provenance.json``), recorded
+when the experiment starts; every row also names the code of the run that produced it (its ``code`` column:
+``<commit>`` or ``<commit>-dirty``, joined by ``+`` over the sessions of a resumed run).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from experiments._provenance import git_commit
+from rso import provenance as rso_provenance
+from rso.provenance import UNRECORDED
 from rso.config import TrainConfig
 from rso.data import MNIST, load_mnist
 from rso.engines import ENGINES
@@ -47,10 +50,20 @@ COLORS = {"rso": "tab:blue", "sgd": "tab:orange", "adam": "tab:green"}
 
 
 # ---- flags -----------------------------------------------------------------------------------------
+class ExperimentParser(argparse.ArgumentParser):
+    """Parsing the flags is when an experiment starts: its provenance is recorded then (``args.start``),
+    not when its results are written, so a commit made while it ran is not credited with its rows."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        parsed.start = start_provenance(parsed.experiment, args)
+        return parsed
+
+
 def parser(name: str, description: str, default_seeds: int = 1) -> argparse.ArgumentParser:
     """The flags every experiment takes; experiments add their own budget flags."""
     module = name.replace("-", "_")
-    result = argparse.ArgumentParser(prog=f"python -m experiments.{module}", description=description)
+    result = ExperimentParser(prog=f"python -m experiments.{module}", description=description)
     result.add_argument("--quick", action="store_true", help="seconds-long variant on data slices (for the tests)")
     result.add_argument("--seeds", type=int, default=None,
                         help=f"seeds 0..N-1 for every config (default {default_seeds}; 1 with --quick)")
@@ -197,7 +210,8 @@ def history_rows(results: list[Result]) -> list[dict]:
                          "cycles_or_epochs": round(float(epochs), 4), "weight_updates": entry["step"],
                          "forward_samples": entry["forward_samples"], "seconds": entry["seconds"],
                          "train_loss": round(entry["train_loss"], 6), "test_accuracy": entry["test_accuracy"],
-                         "test_loss": round(entry["test_loss"], 6), "target": entry.get("target", "")})
+                         "test_loss": round(entry["test_loss"], 6), "target": entry.get("target", ""),
+                         "code": entry.get("code", UNRECORDED)})
     return rows
 
 
@@ -214,7 +228,8 @@ def run_rows(results: list[Result]) -> list[dict]:
                      "test_accuracy": metrics["test_accuracy"], "test_loss": round(metrics["test_loss"], 6),
                      "weight_updates": metrics["visits"], "forward_samples": metrics["forward_samples"],
                      "seconds": metrics["seconds"], "seconds_per_cycle_or_epoch": round(seconds_per, 2),
-                     "stopped_by": metrics.get("stopped_by") or "", "run_folder": metrics["run_folder"]})
+                     "stopped_by": metrics.get("stopped_by") or "", "run_folder": metrics["run_folder"],
+                     "code": metrics.get("code", UNRECORDED)})
     return rows
 
 
@@ -233,6 +248,7 @@ def run_and_write(runs: list[Run], args: argparse.Namespace, out: Path) -> tuple
     """Run every config for every seed, write ``history.csv`` and ``runs.csv`` into ``out``."""
     results = run_all(runs, args)
     history, finals = history_rows(results), run_rows(results)
+    args.row_codes = [row["code"] for row in finals]   # provenance() puts them in the tables
     write_csv(out / "history.csv", history)
     write_csv(out / "runs.csv", finals)
     return results, history, finals
@@ -268,29 +284,68 @@ def markdown_table(headers: list[str], body: list[list]) -> str:
 
 # ---- provenance ------------------------------------------------------------------------------------
 def machine() -> str:
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+    return (f"{rso_provenance.machine_line(rso_provenance.machine())}; {platform.system()} {platform.machine()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
-def command(args: argparse.Namespace, argv: list[str] | None) -> str:
+def command(experiment: str, argv: list[str] | None) -> str:
     given = sys.argv[1:] if argv is None else argv
-    return " ".join([f"python -m experiments.{args.experiment}", *given])
+    return " ".join([f"python -m experiments.{experiment}", *given])
 
 
-def provenance(args: argparse.Namespace, argv: list[str] | None, what_ran: str) -> dict:
-    return {"command": command(args, argv), "git_commit": git_commit(), "machine": machine(),
-            "produced": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "engine": args.engine, "what_ran": what_ran}
+def start_provenance(experiment: str, argv: list[str] | None) -> dict:
+    """The record taken when an experiment starts (:func:`rso.provenance.start_record`)."""
+    return rso_provenance.start_record(command(experiment, argv))
+
+
+def commit_text(record: dict) -> str:
+    """``abc1234`` or ``abc1234 (with uncommitted changes: a.py, b.py)``."""
+    if record["commit"] == "unknown":
+        return "unknown (not a git checkout)"
+    changed = record.get("changed") or []
+    return record["short"] + (f" (with uncommitted changes: {', '.join(changed[:8])}"
+                              f"{', ...' if len(changed) > 8 else ''})" if record.get("dirty") else "")
+
+
+def provenance(args: argparse.Namespace, argv: list[str] | None, what_ran: str, start: dict | None = None,
+               row_codes: list[str] | None = None) -> dict:
+    """What ``provenance.json`` holds: the command, the commit when the experiment STARTED (and the one when it
+    wrote its results, if they differ), the machine, and which code produced each row of its tables."""
+    start = start or getattr(args, "start", None) or start_provenance(args.experiment, argv)
+    now = rso_provenance.git_state()
+    row_codes = row_codes if row_codes is not None else getattr(args, "row_codes", None)
+    record = {"command": start["command"], "git_commit": commit_text(start), "code": start["code"],
+              "commit": start["commit"], "dirty": start["dirty"], "changed": start["changed"],
+              "machine": machine(), "started": start["started"],
+              "produced": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "engine": args.engine, "what_ran": what_ran, "versions": start["versions"]}
+    if now["commit"] != start["commit"] or now["dirty"] != start["dirty"]:
+        record["code_when_written"] = rso_provenance.code_label(now)
+    if row_codes is not None:
+        record["row_codes"] = list(row_codes)
+    return record
+
+
+def code_note(record: dict) -> str:
+    """The sentence every table carries about the code of its rows (see :func:`rso.provenance.describe_codes`)."""
+    codes = record.get("row_codes")
+    note = rso_provenance.describe_codes(codes) if codes is not None else f"Code: {record['git_commit']}."
+    if record.get("code_when_written"):
+        note += (f" The experiment started at {record['code']} and wrote its results at "
+                 f"{record['code_when_written']}.")
+    return note
 
 
 def header(title: str, record: dict) -> str:
-    return (f"# {title}\n\n- command: `{record['command']}`\n- git commit: {record['git_commit']}\n"
-            f"- machine: {record['machine']}\n- produced: {record['produced']}\n"
+    return (f"# {title}\n\n- command: `{record['command']}`\n- git commit at start: {record['git_commit']}\n"
+            f"- machine: {record['machine']}\n- started: {record.get('started', '?')}; produced: {record['produced']}\n"
             f"- what ran: {record['what_ran']}\n\n")
 
 
 def write_outputs(out: Path, title: str, record: dict, summary: str, details: str = "") -> None:
-    """``table.md`` (provenance header + summary + details), ``summary.md`` (for the README), ``provenance.json``."""
+    """``table.md`` (provenance header + summary + details), ``summary.md`` (for the README, ending with the
+    sentence on which code produced its rows), ``provenance.json``."""
+    summary = summary.rstrip("\n") + "\n\n" + code_note(record) + "\n"
     (out / "summary.md").write_text(summary)
     (out / "table.md").write_text(header(title, record) + summary + ("\n" + details if details else ""))
     (out / "provenance.json").write_text(json.dumps({"title": title, **record}, indent=2) + "\n")
@@ -306,7 +361,7 @@ def pyplot():
 
 
 def footer(figure, record: dict) -> None:
-    figure.text(0.01, 0.005, f"{record['command']} @ {record['git_commit']}", fontsize=6, color="gray")
+    figure.text(0.01, 0.005, f"{record['command']} @ {record.get('code', record['git_commit'])}", fontsize=6, color="gray")
 
 
 def save(figure, path: Path) -> Path:

@@ -27,7 +27,8 @@ from rso.config import PRESETS, TrainConfig
 from rso.evaluate import evaluate_checkpoint as evaluate_saved_weights
 from rso.models import build_model, count_weights
 from rso.search.visit import visit_order
-from rso.train import exit_status, train
+from rso.provenance import UNRECORDED
+from rso.train import exit_status, run_code, train
 
 PAPER_CLAIMS = "paper: 98% after 5 cycles; 99.12% after 50 cycles (SGD 99.27% after 50 epochs)"
 
@@ -63,7 +64,7 @@ def per_cycle_rows(history: list[dict], weights: int) -> list[dict]:
                      "forward_samples": entry["forward_samples"], "seconds": entry["seconds"],
                      "accepted": entry["accepted"], "train_loss": round(entry["train_loss"], 6),
                      "test_accuracy": entry["test_accuracy"], "test_loss": round(entry["test_loss"], 6),
-                     "last_sweep": entry.get("target", "")})
+                     "last_sweep": entry.get("target", ""), "code": entry.get("code", UNRECORDED)})
     ends = [row for row in rows if row["complete_cycle"]]
     if rows and not rows[-1]["complete_cycle"]:
         ends.append(rows[-1])
@@ -92,6 +93,15 @@ def evaluate_checkpoint(state: dict, config: TrainConfig) -> dict | None:
                       f"{progress['cycle'] + 1} done; checkpoint evaluated at harvest"}
 
 
+def sessions_text(state: dict) -> str:
+    """The training sessions a checkpoint records (its start and every resume): when, at which code, from which visit."""
+    sessions = state.get("provenance") or []
+    if not sessions:
+        return "the checkpoint records no training sessions (written before provenance was recorded)"
+    return "trained in " + ", ".join(f"{session.get('started', '?')} at {session.get('code', UNRECORDED)} "
+                                     f"from visit {session.get('at_step', 0)}" for session in sessions)
+
+
 def report(out: Path, config: TrainConfig, state: dict, record_args, argv, status: str) -> list[dict]:
     record_args.engine = config.engine  # the engine the run was trained with, not this invocation's default
     progress = state["progress"]
@@ -99,7 +109,7 @@ def report(out: Path, config: TrainConfig, state: dict, record_args, argv, statu
     history = list(progress["history"])
     extra = evaluate_checkpoint(state, config)
     if extra is not None:
-        history.append(extra)
+        history.append({**extra, "code": run_code(state.get("provenance") or [])})
     rows = per_cycle_rows(history, weights)
     common.write_csv(out / "per_cycle.csv", rows)
     common.write_csv(out / "history.csv", [{"weight_visits": e["step"], "cycles": round(e["step"] / weights, 4), **e}
@@ -111,17 +121,20 @@ def report(out: Path, config: TrainConfig, state: dict, record_args, argv, statu
             + f"; {complete} complete cycle(s) ran "
             f"({progress['visits']} weight visits, {progress['seconds']:.0f} s of training); {status}; "
             f"{common.data_description(config, record_args)}")
-    record = common.provenance(record_args, argv, what)
+    what += "; " + sessions_text(state)
+    record = common.provenance(record_args, argv, what, row_codes=[row["code"] for row in rows])
+    record["sessions"] = [{key: session.get(key) for key in ("started", "command", "code", "at_step", "changed")}
+                          for session in state.get("provenance") or []]
     body = [[f"{row['cycle']:.0f}" if row["complete_cycle"] else f"{row['cycle']:.3f} (in progress)",
              f"{row['test_accuracy']:.4f}", f"{row['test_loss']:.4f}",
              "–" if math.isnan(row["train_loss"]) else f"{row['train_loss']:.4f}", row["weight_visits"],
-             f"{float(row['forward_samples']):.3g}", f"{row['seconds']:.0f}"] for row in rows]
+             f"{float(row['forward_samples']):.3g}", f"{row['seconds']:.0f}", row["code"]] for row in rows]
     partial = "" if not rows or rows[-1]["complete_cycle"] else (
         f" The last row is a cycle in progress ({rows[-1]['last_sweep']}; {progress['visits']} of "
         f"{(complete + 1) * weights} weight visits).")
     summary = (f"{complete} complete cycle(s) of {config.cycles} planned ran ({status}).{partial} {PAPER_CLAIMS}.\n\n"
                + common.markdown_table(["cycle", "test accuracy", "test loss", "train loss (mini-batch)",
-                                        "weight visits", "forward samples", "training seconds"], body)
+                                        "weight visits", "forward samples", "training seconds", "code"], body)
                + "\nTest accuracy after each cycle uses BN statistics recomputed on "
                f"{config.bn_samples} training examples.\n")
     if history:

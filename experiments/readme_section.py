@@ -5,7 +5,8 @@
     python -m experiments.readme_section --update-readme README.md   # also rewrites the README between markers
 
 Beside the MNIST experiments it quotes the other recorded results: the default run (``results/mnist_rso``,
-written by ``make record-mnist-rso``), the engines' benchmark (``results/bench``, ``make bench``), the
+written by ``make record-mnist-rso``), the engines' agreement (``results/exactness``), the engines'
+benchmark (``results/bench``, ``make bench``), the
 optimizer landscapes (``results/landscapes``) and the overparameterization table (``results/overparam``).
 
 For each experiment folder that has a ``summary.md`` and ``provenance.json`` (written by
@@ -59,12 +60,25 @@ def default_run(results: Path, link_root: str) -> list[str]:
             last_of_cycle[words[2]] = line.split(" ", 1)[1]
     cycle_ends = [*last_of_cycle.values(), *(line.split(" ", 1)[1] for line in log if " final: " in line)]
     machine = meta.get("machine", {})
+    resumes = meta.get("resumes", [])
+    sessions = ("" if not resumes else " Resumed " + ", ".join(
+        f"{entry['started']} at {entry.get('code', entry.get('git_revision'))} from visit {entry.get('at_step')}"
+        for entry in resumes) + ".")
+    recorded = folder / "recorded.json"
+    copies = json.loads(recorded.read_text())["copies"] if recorded.is_file() else []
+    copied = ("; copied from " + ", then ".join(f"`{c['from']}` ({c['at']}, at {c['code']})" for c in copies)
+              if copies else " (the copy itself was not recorded: it predates `recorded.json`)")
+    dtype = config.get("dtype", "float32")
     return [
         "### The default run (`make mnist-rso`)", "",
-        f"`{meta['command']}` at git revision {meta['git_revision']}, {meta['started']}; "
-        f"{machine.get('cpu', machine.get('processor', '?'))}, {machine.get('cpu_count')} CPUs, "
-        f"torch {meta['versions']['torch']}, {meta['threads']['torch_threads']} torch threads. "
-        f"Recorded with `make record-mnist-rso` into [{link_root}/mnist_rso/]({link_root}/mnist_rso/).", "",
+        f"`{meta['command']}` at git revision {meta['git_revision']}, started {meta['started']}, on this machine: "
+        f"{machine.get('cpu', machine.get('processor', '?'))}, {machine.get('cpu_count')} CPUs"
+        + (f", host {machine['host']}" if machine.get("host") else "")
+        + f", torch {meta['versions']['torch']}, {meta['threads']['torch_threads']} torch threads.{sessions} "
+        f"Recorded with `make record-mnist-rso` into [{link_root}/mnist_rso/]({link_root}/mnist_rso/){copied}."
+        + (f" The run is in {dtype}: its figures can differ on another CPU (or with other thread counts), "
+           "where rounding can flip a close accept decision and the runs part from there." if dtype != "float64" else ""),
+        "",
         f"`{config['model']}`, batch {config['batch_size']}, {final['cycles_done']} cycles, engine "
         f"{config['engine']}: **test accuracy {final['test_accuracy']:.4f}** after {final['seconds']:.0f} s of "
         f"training; {final['visits']:,} weight visits, {final['accepted']:,} accepted, "
@@ -72,6 +86,17 @@ def default_run(results: Path, link_root: str) -> list[str]:
         f"(`python -m rso.evaluate`) gives {check['independent_test_accuracy']:.4f} on "
         f"{check['test_examples']} test examples ({'agrees' if check['agree'] else 'DISAGREES'}).", "",
         "The last sweep of each cycle, from its `log.txt`:", "", "```", *cycle_ends, "```", ""]
+
+
+def exactness(results: Path, link_root: str) -> list[str]:
+    folder = results / "exactness"
+    title = "### How exactly the fast engine agrees with the reference (`python -m experiments.exactness`)"
+    if not (folder / "summary.md").is_file() or not (folder / "provenance.json").is_file():
+        return [title, "", "Not produced yet: run `python -m experiments.exactness`.", ""]
+    record = json.loads((folder / "provenance.json").read_text())
+    return [title, "", f"`{record['command']}` at commit {record['git_commit']}, started {record.get('started')}; "
+            f"{record['machine']}.", "", (folder / "summary.md").read_text().strip(), "",
+            f"Per tensor: [{link_root}/exactness/]({link_root}/exactness/).", ""]
 
 
 def benchmark(results: Path, link_root: str) -> list[str]:
@@ -82,7 +107,10 @@ def benchmark(results: Path, link_root: str) -> list[str]:
             f"`python -m rso.bench` prints this table and writes [{link_root}/bench/bench.json]"
             f"({link_root}/bench/bench.json); its first lines name the commit, the machine and the rates of a "
             "plain matmul and conv measured in the same run. Reference: three full forward passes per visit; "
-            "fast: cached lower layers, one-channel incremental deltas, the closed form for the output layer.",
+            "fast: cached lower layers, one-channel incremental deltas, the closed form for the output layer. "
+            + ("Each model's `peak memory` is that model's own peak." if "per model" in table.read_text() else
+               "`peak memory` is the peak resident memory of the whole bench process up to that line (`ru_maxrss`), "
+               "not the model's own: a model benchmarked after a larger one repeats the larger one's peak."),
             "", "```", table.read_text().strip(), "```", ""]
 
 
@@ -118,6 +146,7 @@ def section(results: Path, link_root: str) -> str:
              "the CSVs beside each table hold every evaluation. Regenerate this section with `make readme` "
              "(`python -m experiments.readme_section --update-readme README.md`).", ""]
     parts += default_run(results, link_root)
+    parts += exactness(results, link_root)
     parts += benchmark(results, link_root)
     for folder, target in EXPERIMENTS:
         path = results / folder
@@ -127,11 +156,16 @@ def section(results: Path, link_root: str) -> str:
             continue
         record = json.loads(record_path.read_text())
         text = summary.read_text().strip()
+        if "row_codes" not in record:
+            text += ("\n\nProvenance of these rows: not recorded per row (they predate it); the commit above was "
+                     "taken when the results were written, not when the runs started, so earlier code may have "
+                     "trained some rows.")
         # links in summary.md are relative to its folder; make them relative to the README
         prefix = f"{link_root}/{folder}/" if link_root else f"{folder}/"
         text = re.sub(r"\]\((?!https?://|/)([^)]+)\)", lambda m: f"]({prefix}{m.group(1)})", text)
         parts += [f"### {record.get('title', folder)}", "",
-                  f"`{record['command']}` (`{target}`) at commit {record['git_commit']}, {record['produced']}; "
+                  f"`{record['command']}` (`{target}`) at commit {record['git_commit']}"
+                  + (f", started {record['started']}" if record.get("started") else "") + f", written {record['produced']}; "
                   f"{record['machine']}; engine {record.get('engine', '?')}.", "",
                   f"What ran: {record['what_ran']}.", "", text, "",
                   f"Full table: [{link_root}/{folder}/table.md]({link_root}/{folder}/table.md)." if link_root

@@ -1,7 +1,7 @@
 """Where a run is logged: its folder, its self-description, its TensorBoard events and its text log.
 
-``runs/<name>/`` holds ``config.json`` (the resolved config), ``meta.json`` (versions, threads, git revision,
-machine, command line), ``log.txt`` (the summary lines), TensorBoard events, ``checkpoint.pt`` and, at the
+``runs/<name>/`` holds ``config.json`` (the resolved config), ``meta.json`` (recorded when the run starts and
+at every resume: versions, threads, git commit and whether the tree was dirty, machine, command line), ``log.txt`` (the summary lines), TensorBoard events, ``checkpoint.pt`` and, at the
 end, ``final.json`` (the final metrics and counters).
 """
 
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from rso import provenance
 
 
 def unique_run_dir(parent: str | os.PathLike, name: str) -> Path:
@@ -33,55 +32,13 @@ def unique_run_dir(parent: str | os.PathLike, name: str) -> Path:
 def git_revision(root: Path | None = None) -> str:
     """The short commit of this checkout (or of ``root``), ``-dirty`` when tracked files other than
     ``results/`` changed (an experiment rewrites its own outputs there before it records its provenance);
-    ``unknown`` outside git."""
-    try:
-        root = root or Path(__file__).resolve().parent.parent
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                  timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
-                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
-        return (revision + ("-dirty" if dirty else "")) if revision else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    ``unknown`` outside git. See :mod:`rso.provenance`."""
+    return provenance.code_label(provenance.git_state(root))
 
 
-def machine_description(device: torch.device | str = "cpu") -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "device": str(device)}
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if torch.cuda.is_available() and str(device).startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def versions() -> dict:
-    found = {"python": sys.version.split()[0], "torch": torch.__version__, "rso": __import__("rso").__version__}
-    for package in ("numpy", "numba", "tensorboard", "tqdm"):
-        try:
-            found[package] = __import__(package).__version__
-        except Exception:
-            found[package] = None
-    return found
-
-
-def thread_settings() -> dict:
-    settings = {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
-    try:
-        import numba
-
-        settings["numba_threads"] = numba.get_num_threads()
-    except Exception:
-        pass
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        settings[variable] = os.environ.get(variable)
-    return settings
+machine_description = provenance.machine
+versions = provenance.versions
+thread_settings = provenance.threads
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -119,13 +76,16 @@ class RunLogger:
         self.printer = printer
         self._log = open(folder / "log.txt", "a", buffering=1)
 
-    def describe(self, config: dict, device: torch.device | str, argv: list[str] | None, resumed_at: int | None = None) -> None:
-        """Write config.json and meta.json; a resumed run keeps the first meta.json and appends to its resumes."""
-        entry = {
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([sys.executable, "-m", "rso.train", *(argv if argv is not None else sys.argv[1:])]),
-            "git_revision": git_revision(), "versions": versions(), "threads": thread_settings(),
-            "machine": machine_description(device)}
+    def describe(self, config: dict, device: torch.device | str, argv: list[str] | None,
+                 resumed_at: int | None = None) -> dict:
+        """Write config.json and meta.json, and return this session's start record (:mod:`rso.provenance`).
+
+        meta.json holds the first start's record; every resume appends its own record to ``resumes``, so the
+        file names each commit (dirty or not), command and machine that trained the run.
+        """
+        command = " ".join([sys.executable, "-m", "rso.train", *(argv if argv is not None else sys.argv[1:])])
+        entry = provenance.start_record(command, str(device))
+        entry["git_revision"] = entry["code"]  # the name older meta.json files used
         meta_path = self.folder / "meta.json"
         meta = read_meta(meta_path) if resumed_at is not None else None
         if meta is not None:
@@ -134,6 +94,7 @@ class RunLogger:
             meta = entry if resumed_at is None else {**entry, "resumed_without_meta_at_step": resumed_at}
         write_json(self.folder / "config.json", config)
         write_json(meta_path, meta)
+        return entry
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)

@@ -39,6 +39,7 @@ from rso.evaluate import evaluate, recalibrate_batchnorm
 from rso.interrupts import INTERRUPTS, StopRequested
 from rso.models import build_model, count_weights
 from rso.progress import SCORINGS, SweepProgress, format_seconds, sweep_costs
+from rso.provenance import UNRECORDED
 from rso.resources import ResourceError, check_model_fits
 from rso.runs import RunLogger, unique_run_dir
 from rso.search.candidates import get_sampler
@@ -221,8 +222,13 @@ class Trainer:
         check_finite_weights(self.model.state_dict(), "weights at the start of the run")
         # only rank 0 logs, shows progress, holds the folder's lock and writes checkpoints
         self.logger = RunLogger(self.folder, printer=tqdm.write) if world.is_main else _NoLogger()
-        self.logger.describe(config.to_dict(), self.device, argv,
-                             resumed_at=self.progress.visits if state is not None else None)
+        session = self.logger.describe(config.to_dict(), self.device, argv,
+                                       resumed_at=self.progress.visits if state is not None else None)
+        session = session or {"code": UNRECORDED}   # ranks other than 0 record nothing
+        # provenance of every session (start, then each resume) travels in the checkpoint too
+        self.sessions = [*(state.get("provenance") or [] if state is not None else []),
+                         {**session, "at_step": self.progress.visits}]
+        self.code = session["code"]
         self.has_batchnorm = any(isinstance(module, BATCHNORMS) for module in self.model.modules())
         if state is None:
             self.logger.start_dashboard(config.to_dict(), self.has_batchnorm)
@@ -245,7 +251,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "config": self.config.to_dict(), "progress": self.progress.state(),
                 "generator": self.generator.get_state(), "bn_statistics_step": self.bn_statistics_step,
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "stopping": self.stopping.state_dict()}
+                "stopping": self.stopping.state_dict(), "provenance": self.sessions}
 
     def save(self, sweep: dict | None = None, generator: torch.Tensor | None = None) -> None:
         """Checkpoint; inside a sweep, ``sweep`` says how far it got and ``generator`` is its start state."""
@@ -320,7 +326,8 @@ class Trainer:
         self.progress.history.append({"step": step, "seconds": round(self.progress.seconds, 3),
                                       "forward_samples": self.progress.forward_samples,
                                       "accepted": self.progress.accepted, "train_loss": train_loss,
-                                      "test_accuracy": accuracy, "test_loss": test_loss, **extra})
+                                      "test_accuracy": accuracy, "test_loss": test_loss, "code": self.code,
+                                      **extra})
 
     # ---- training --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -352,7 +359,8 @@ class Trainer:
                    "accepted": self.progress.accepted, "forward_samples": self.progress.forward_samples,
                    "optimizer_steps": self.progress.optimizer_steps, "seconds": round(self.progress.seconds, 2),
                    "cycles_done" if self.config.optimizer == "rso" else "epochs_done": self.progress.cycle,
-                   "stopped_by": reason, "wall_seconds_this_session": round(time.perf_counter() - started, 2)}
+                   "stopped_by": reason, "wall_seconds_this_session": round(time.perf_counter() - started, 2),
+                   "code": run_code(self.sessions)}
         self.logger.scalar(tags.FINAL_ACCURACY, accuracy, self.progress.visits)
         self.logger.scalar(tags.FINAL_LOSS, test_loss, self.progress.visits)
         self.logger.line(f"final: test accuracy {accuracy:.4f}, test loss {test_loss:.4f}"
@@ -564,6 +572,15 @@ class Trainer:
         finally:
             bar.close()
         return None
+
+
+def run_code(sessions: list[dict]) -> str:
+    """The code labels of a run's sessions joined by '+' (``abc1234``, ``abc1234+def5678-dirty``), in order;
+    a run resumed from a checkpoint that predates recorded provenance starts with ``unrecorded``."""
+    codes = [session.get("code", UNRECORDED) for session in sessions]
+    if sessions and sessions[0].get("at_step", 0) > 0:
+        codes.insert(0, UNRECORDED)
+    return "+".join(dict.fromkeys(codes))
 
 
 def train(config: TrainConfig, given: dict | None = None, argv: list[str] | None = None,
