@@ -14,14 +14,19 @@ from rso.search.visit import visit_order
 
 # ---- annealing -------------------------------------------------------------------------------------
 def test_annealing_follows_the_authors_formula():
-    cycles = 50
-    sigmas = [annealed_sigma(2.0, c, cycles) for c in range(cycles)]
-    assert sigmas[0] == pytest.approx(2.0)
-    assert sigmas[-1] == pytest.approx(2.0 * (0.1 + 0.9 / cycles))
-    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))  # never grows (a known bug elsewhere)
-    assert sigmas[25] == pytest.approx(2.0 * (0.1 + 0.9 * 25 / 50))
-    # extended to the cycle after the last, the line reaches sigma / 10
-    assert 2.0 * (0.1 + 0.9 * (cycles - cycles) / cycles) == pytest.approx(0.2)
+    """annealed_sigma against the authors' line sigma * (0.1 + 0.9 * (C - e) / C), written out here."""
+    for cycles in (1, 3, 50):
+        for cycle in range(cycles):
+            authors = 2.0 * (0.1 + 0.9 * (cycles - cycle) / cycles)
+            assert annealed_sigma(2.0, cycle, cycles) == pytest.approx(authors, rel=1e-15), (cycle, cycles)
+    sigmas = [annealed_sigma(2.0, c, 50) for c in range(50)]
+    assert sigmas[0] == 2.0                                          # the first cycle uses the full sigma
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))            # never grows (a known bug elsewhere)
+    steps = {round(a - b, 12) for a, b in zip(sigmas, sigmas[1:])}
+    assert steps == {round(2.0 * 0.9 / 50, 12)}                      # linear: the same decrement every cycle
+    # another final fraction moves the end of the line, not its start
+    assert annealed_sigma(2.0, 0, 4, final_fraction=0.5) == 2.0
+    assert annealed_sigma(2.0, 3, 4, final_fraction=0.5) == pytest.approx(2.0 * (0.5 + 0.5 / 4))
 
 
 def test_annealing_off_and_bad_arguments():
