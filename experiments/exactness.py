@@ -1,7 +1,7 @@
 """How exactly the fast engine agrees with the reference: the worst relative loss difference in float64, and
 how many accept decisions differ in float32 over a full cycle (the figures the README quotes).
 
-    python -m experiments.exactness                    # oneconv, batch 1000 on the first 10000 images, 1 cycle
+    python -m experiments.exactness                    # oneconv, batch 100 on the first 2000 images, 1 cycle
     python -m experiments.exactness --quick            # a small net on data slices (seconds; the tests run it)
 
 Both engines run in lockstep over one full cycle: for every visit both score the same three candidates on the
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.exactness", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small convnet on 512 images (seconds)")
     parser.add_argument("--model", default="oneconv", help="model (default oneconv, the default run's)")
-    parser.add_argument("--batch", type=int, default=1000, help="mini-batch (default 1000, the default run's)")
-    parser.add_argument("--train-subset", type=int, default=10000, help="first N training images (default 10000)")
+    parser.add_argument("--batch", type=int, default=100, help="mini-batch (default 100)")
+    parser.add_argument("--train-subset", type=int, default=2000, help="first N training images (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", default="results/exactness", help="output folder (default results/exactness)")
