@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from rso import bench
-
-DATA_DIR = os.environ.get("RSO_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +27,8 @@ def test_projection_counts_every_visit_once():
     assert bench.project(times, 5, 4, 2) == sum(times)       # a sample that covers the tensor is the sweep
 
 
-def test_bench_quick_oneconv(tmp_path, monkeypatch, capsys):
-    if not os.path.isdir(DATA_DIR):
-        pytest.skip("MNIST not available")
-    monkeypatch.setenv("RSO_DATA_DIR", os.path.abspath(DATA_DIR))
+def test_bench_quick_oneconv(tmp_path, monkeypatch, capsys, data_dir):
+    monkeypatch.setenv("RSO_DATA_DIR", str(data_dir))
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--output", "results/bench"])
     assert "never writes over" in capsys.readouterr().err

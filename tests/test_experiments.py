@@ -11,19 +11,25 @@ from pathlib import Path
 import pytest
 
 from experiments import ablations, batch_size, compare, depth, paper, readme_section
-from rso.data import DataError, load_mnist
+from rso import provenance
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def mnist_available():
-    if not os.environ.get("RSO_DATA_DIR") and Path("../shared/data/MNIST/raw").is_dir():
-        os.environ["RSO_DATA_DIR"] = "../shared/data"
-    try:
-        load_mnist(None, 10, 10)
-    except DataError as error:
-        pytest.skip(f"MNIST not available: {error}")
+def mnist_available(data_dir):
+    """The experiments read MNIST from $RSO_DATA_DIR; conftest's data_dir fails (never skips) without it."""
+    saved = os.environ.get("RSO_DATA_DIR")
+    os.environ["RSO_DATA_DIR"] = str(data_dir)
+    yield
+    if saved is None:
+        os.environ.pop("RSO_DATA_DIR")
+    else:
+        os.environ["RSO_DATA_DIR"] = saved
+
+
+def this_code() -> str:
+    return provenance.code_label(provenance.git_state())
 
 
 def quick(module, tmp_path: Path, name: str, *extra: str) -> Path:
@@ -44,7 +50,22 @@ def check_outputs(out: Path, pngs: list[str]) -> None:
     table = (out / "table.md").read_text()
     assert "- command: `python -m experiments." in table and "- git commit:" in table and "- machine:" in table
     record = json.loads((out / "provenance.json").read_text())
-    assert {"command", "git_commit", "machine", "what_ran"} <= set(record)
+    assert {"command", "git_commit", "machine", "what_ran", "started", "commit"} <= set(record)
+    assert record["code"] == this_code() and record["commit"].startswith(this_code().removesuffix("-dirty"))
+    # every row names the code that produced it, and the table says so
+    finals = rows(out / "runs.csv") if (out / "runs.csv").is_file() else rows(out / "per_cycle.csv")
+    assert finals and {row["code"] for row in finals} == {this_code()}
+    assert record["row_codes"] == [row["code"] for row in finals]
+    assert f"Code: every row at {this_code()}" in (out / "summary.md").read_text()
+
+
+def table_cells(out: Path) -> set[str]:
+    """Every cell of the Markdown tables in summary.md."""
+    cells = set()
+    for line in (out / "summary.md").read_text().splitlines():
+        if line.startswith("|"):
+            cells |= {cell.strip() for cell in line.strip("|").split("|")}
+    return cells
 
 
 def test_compare_quick(tmp_path):
@@ -59,13 +80,21 @@ def test_compare_quick(tmp_path):
     assert int(rso["forward_samples"]) == 3 * 100 * int(rso["weights"])
     history = rows(out / "history.csv")
     assert {r["optimizer"] for r in history} == {"rso", "sgd", "adam"}
+    # the table quotes the CSV: each run's final accuracy, and what it paid to reach RSO's
+    cells = table_cells(out)
+    assert {f"{float(r['test_accuracy']):.4f}" for r in finals} <= cells
+    assert "Cost to first reach" in (out / "table.md").read_text()
     assert (tmp_path / "runs" / "compare").is_dir() and any((tmp_path / "runs" / "compare").rglob("events.out.tfevents*"))
 
 
 def test_batch_size_quick_puts_the_course_project_beside_ours(tmp_path):
     out = quick(batch_size, tmp_path, "batch_size")
     check_outputs(out, ["batch_size.png"])
-    assert [int(r["batch_size"]) for r in rows(out / "runs.csv")] == [32, 100]
+    finals = rows(out / "runs.csv")
+    assert [int(r["batch_size"]) for r in finals] == [32, 100]
+    # forward samples follow the batch: 3 candidates x batch per visit, the same visits for both batches
+    assert [int(r["forward_samples"]) for r in finals] == [3 * b * int(finals[0]["weight_updates"]) for b in (32, 100)]
+    assert {f"{float(r['test_accuracy']):.4f}" for r in finals} <= table_cells(out)
     summary = (out / "summary.md").read_text()
     assert "course project (reference.md)" in summary and "0.8075" in summary and "36464 s" in summary
 
@@ -73,13 +102,21 @@ def test_batch_size_quick_puts_the_course_project_beside_ours(tmp_path):
 def test_depth_quick(tmp_path):
     out = quick(depth, tmp_path, "depth")
     check_outputs(out, ["depth.png"])
-    assert sorted({int(r["depth"]) for r in rows(out / "runs.csv")}) == [1, 2]
+    finals = rows(out / "runs.csv")
+    assert sorted({int(r["depth"]) for r in finals}) == [1, 2]
+    rso_weights = {int(r["depth"]): int(r["weights"]) for r in finals if r["optimizer"] == "rso"}
+    assert rso_weights == {1: 9 * 2 + 4 + 2 * 10, 2: 9 * 2 + 4 + 9 * 2 * 2 + 4 + 2 * 10}  # conv, BN, dense per depth
+    assert {f"{float(r['test_accuracy']):.4f}" for r in finals if r["optimizer"] == "rso"} <= table_cells(out)
 
 
 def test_ablations_quick(tmp_path):
     out = quick(ablations, tmp_path, "ablations", "--seeds", "1")
     check_outputs(out, ["ablations.png", "ablation_curves.png"])
-    assert len(rows(out / "runs.csv")) == len(ablations.VARIANTS)
+    finals = rows(out / "runs.csv")
+    assert len(finals) == len(ablations.VARIANTS)
+    # the variants really differ: not every run ends with the same accuracy and acceptance
+    assert len({(r["test_accuracy"], r["test_loss"]) for r in finals}) > 1
+    assert {f"{float(r['test_accuracy']):.4f}" for r in finals} <= table_cells(out)
 
 
 def test_paper_quick_resumes_and_reports_every_cycle(tmp_path):
@@ -134,7 +171,17 @@ def test_paper_quick_stopped_mid_cycle_reports_the_saved_weights(tmp_path):
     per_cycle = rows(out / "per_cycle.csv")
     assert len(per_cycle) == 1 and per_cycle[0]["complete_cycle"] == "False"
     assert "evaluated at harvest" in per_cycle[0]["last_sweep"] and "layer sweeps of cycle 1 done" in per_cycle[0]["last_sweep"]
-    assert 0 <= float(per_cycle[0]["test_accuracy"]) <= 1
+    # the row is the saved checkpoint's weights, evaluated again here independently of the harvest
+    from rso.checkpoint import load_checkpoint
+    from rso.data import load_mnist
+    from rso.evaluate import evaluate_checkpoint
+
+    (folder,) = (tmp_path / "runs" / "paper").iterdir()
+    state = load_checkpoint(folder)
+    assert int(per_cycle[0]["weight_visits"]) == state["progress"]["visits"] > 0
+    again = evaluate_checkpoint({**state, "bn_statistics_step": None}, load_mnist(None, 1000, 500), 1000)
+    assert float(per_cycle[0]["test_accuracy"]) == again["test_accuracy"]
+    assert per_cycle[0]["code"] == this_code()
     assert "0 complete cycle(s) of 1 planned" in (out / "summary.md").read_text()
 
 
