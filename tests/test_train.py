@@ -203,12 +203,93 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, data_dir, damage, capsys):
 
 
 def test_checkpoint_model_matches_the_run(tmp_path, data_dir, mnist_small):
+    """The checkpoint's oneconv weights, run through a forward pass written here in plain functional ops
+    (conv 3x3 + bias, ReLU, 2x2 max pool, dense), give the test accuracy and loss the run reported."""
+    import torch.nn.functional as F
+
     result = train_module.train(train_module.TrainConfig(
-        model="convnet", depth=1, channels=2, train_subset=1200, test_subset=1000, batch_size=200, cycles=1,
+        model="oneconv", train_subset=1200, test_subset=1000, batch_size=200, cycles=1,
         data_dir=str(data_dir), run_dir=str(tmp_path), name="m", progress=False))
-    model = model_from_checkpoint(load_checkpoint(tmp_path / "m"))
-    accuracy, _ = evaluate(model, mnist_small.test_images, mnist_small.test_labels)
-    assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-12)
+    weights = load_checkpoint(tmp_path / "m")["model"]
+    assert set(weights) == {"0.weight", "0.bias", "4.weight", "4.bias"}
+    images, labels = mnist_small.test_images.double(), mnist_small.test_labels
+    hidden = F.max_pool2d(F.conv2d(images, weights["0.weight"].double(), weights["0.bias"].double(), padding=1).clamp(min=0), 2)
+    logits = hidden.flatten(1) @ weights["4.weight"].double().T + weights["4.bias"].double()
+    accuracy = (logits.argmax(1) == labels).double().mean().item()
+    loss = -(logits.log_softmax(1).gather(1, labels[:, None])).mean().item()
+    assert accuracy == result["test_accuracy"]
+    assert loss == pytest.approx(result["test_loss"], rel=1e-5)     # the run computes its logits in float32
+    assert accuracy > 0.5                                            # trained: one cycle of RSO beats chance
+
+
+def test_batchnorm_recalibration_matches_an_independent_computation():
+    """recalibrate_batchnorm's running statistics against per-batch statistics computed here: the forward in
+    train mode (each BN normalizes with its batch's biased statistics), and the running values the average of
+    the batches' means and unbiased variances (equal batches), for both BN layers."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from rso.evaluate import recalibrate_batchnorm
+
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2)).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
+    model.eval()
+    images = torch.randn(300, 1, 8, 8, generator=generator, dtype=torch.float64) * 2 + 1
+    recalibrate_batchnorm(model, images, batch_size=100)
+    conv1, bn1, _, conv2, bn2 = model
+    expected = {1: [], 2: []}
+    for batch in images.split(100):
+        a = F.conv2d(batch, conv1.weight, conv1.bias)
+        expected[1].append((a.mean((0, 2, 3)), a.var((0, 2, 3), unbiased=True)))
+        mean, var = a.mean((0, 2, 3), keepdim=True), a.var((0, 2, 3), unbiased=False, keepdim=True)
+        h = ((a - mean) / (var + bn1.eps).sqrt() * bn1.weight[None, :, None, None] + bn1.bias[None, :, None, None]).clamp(min=0)
+        b = F.conv2d(h, conv2.weight, conv2.bias)
+        expected[2].append((b.mean((0, 2, 3)), b.var((0, 2, 3), unbiased=True)))
+    for layer, norm in ((1, bn1), (2, bn2)):
+        means, variances = zip(*expected[layer])
+        assert torch.allclose(norm.running_mean, torch.stack(means).mean(0), rtol=1e-12, atol=1e-12), layer
+        assert torch.allclose(norm.running_var, torch.stack(variances).mean(0), rtol=1e-12, atol=1e-12), layer
+        assert norm.momentum == 0.1 and norm.track_running_stats and not norm.training   # settings restored
+    assert not torch.allclose(bn2.running_var, torch.ones(2, dtype=torch.float64))   # statistics were recomputed
+
+
+def test_weight_decay_reaches_every_visit_of_a_run(tmp_path):
+    """--weight-decay end to end: the trainer's weights equal a cycle written here with the search pieces and the
+    reference engine (float64), decaying the current weight on every visit; without decay they differ."""
+    from rso.data.mnist import MNIST
+    from rso.engines import ReferenceEngine
+    from rso.models import build_model
+    from rso.search.candidates import gaussian_steps
+    from rso.search.loop import run_sweep
+    from rso.search.schedule import annealed_sigma
+    from rso.search.visit import visit_order
+
+    generator = torch.Generator().manual_seed(1)
+    data = MNIST(torch.randn(128, 1, 28, 28, generator=generator), torch.randint(0, 10, (128,), generator=generator),
+                 torch.randn(32, 1, 28, 28, generator=generator), torch.randint(0, 10, (32,), generator=generator))
+
+    def trained(weight_decay):
+        config = train_module.TrainConfig(model="mlp", widths=(2,), batch_size=64, cycles=2, dtype="float64",
+                                          weight_decay=weight_decay, run_dir=str(tmp_path), name=f"wd{weight_decay}",
+                                          progress=False)
+        train_module.train(config, data=data)
+        assert json.loads((tmp_path / f"wd{weight_decay}" / "config.json").read_text())["weight_decay"] == weight_decay
+        return load_checkpoint(tmp_path / f"wd{weight_decay}")["model"]
+
+    decayed, plain = trained(0.05), trained(0.0)
+    seeded = torch.Generator().manual_seed(0)                      # the trainer's default seed
+    model = build_model("mlp", seeded, widths=(2,)).double()
+    for cycle in range(2):
+        for target in visit_order(model):
+            run_sweep(model, target, data.train_images.double(), data.train_labels, ReferenceEngine(),
+                      sigma=annealed_sigma(target.sigma, cycle, 2), batch_size=64, sampler=gaussian_steps,
+                      generator=seeded, weight_decay=0.05)
+    for key, value in model.state_dict().items():
+        assert torch.equal(decayed[key], value), key
+    assert not torch.equal(decayed["1.weight"], plain["1.weight"])
 
 
 def test_exit_status_turns_failures_into_one_line(capsys):
