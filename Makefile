@@ -9,7 +9,7 @@ RUNS ?= runs
 TORCH_CPU ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 .PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard tensorboard-check bench clean help \
-	landscapes overparam compare batch-size depth ablations paper experiments-quick readme record-mnist-rso faults \
+	landscapes overparam compare batch-size depth ablations paper exactness experiments-quick readme record-mnist-rso faults \
 	gpu-data gpu-check
 
 help:
@@ -59,6 +59,9 @@ ablations: install ## experiment: annealing, sampler, order, chunking, weight de
 
 paper: install ## experiment: the authors' configuration, accuracy after every cycle (resumable) -> results/paper
 	$(PYTHON) -m experiments.paper $(ARGS)
+
+exactness: install ## fast vs reference engine over one full cycle: differing decisions in float64/float32 -> results/exactness
+	$(PYTHON) -m experiments.exactness $(ARGS)
 
 landscapes: install ## the optimizer family and RSO on 2-D test functions -> results/landscapes
 	$(PYTHON) -m experiments.landscapes $(ARGS)

@@ -90,9 +90,9 @@ def default_run(results: Path, link_root: str) -> list[str]:
 
 def exactness(results: Path, link_root: str) -> list[str]:
     folder = results / "exactness"
-    title = "### How exactly the fast engine agrees with the reference (`python -m experiments.exactness`)"
+    title = "### How exactly the fast engine agrees with the reference (`make exactness`)"
     if not (folder / "summary.md").is_file() or not (folder / "provenance.json").is_file():
-        return [title, "", "Not produced yet: run `python -m experiments.exactness`.", ""]
+        return [title, "", "Not produced yet: run `make exactness`.", ""]
     record = json.loads((folder / "provenance.json").read_text())
     return [title, "", f"`{record['command']}` at commit {record['git_commit']}, started {record.get('started')}; "
             f"{record['machine']}.", "", (folder / "summary.md").read_text().strip(), "",
