@@ -48,7 +48,7 @@ def check_outputs(out: Path, pngs: list[str]) -> None:
     for name in ["table.md", "summary.md", "provenance.json", *pngs]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     table = (out / "table.md").read_text()
-    assert "- command: `python -m experiments." in table and "- git commit:" in table and "- machine:" in table
+    assert "- command: `python -m experiments." in table and "- git commit at start:" in table and "- machine:" in table
     record = json.loads((out / "provenance.json").read_text())
     assert {"command", "git_commit", "machine", "what_ran", "started", "commit"} <= set(record)
     assert record["code"] == this_code() and record["commit"].startswith(this_code().removesuffix("-dirty"))

@@ -1,7 +1,6 @@
 """The README: its Python examples run and do what they say; its generated results section is exactly what
-``experiments.readme_section`` makes from ``results/``; the figures its prose quotes come from ``results/``."""
+``experiments.readme_section`` makes from ``results/``."""
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -36,14 +35,3 @@ def test_the_generated_region_is_what_readme_section_makes_from_results():
     region = text.split(readme_section.BEGIN, 1)[1].split(readme_section.END, 1)[0]
     expected = readme_section.section(ROOT / "results", "results")
     assert readme_section.BEGIN + region == expected.rstrip() + "\n", "run `make readme` after changing results/"
-
-
-def test_the_exactness_sentence_quotes_the_measured_figures():
-    """The prose above the generated region quotes results/exactness, not numbers typed from memory."""
-    with (ROOT / "results" / "exactness" / "agreement.csv").open() as handle:
-        measured = {row["dtype"]: row for row in csv.DictReader(handle)}
-    prose = README.read_text().split(readme_section.BEGIN, 1)[0]
-    single, double = measured["float32"], measured["float64"]
-    assert f"{single['differing_decisions']} of {single['visits']}" in prose
-    assert f"{float(double['worst_relative_difference']):.1g}" in prose
-    assert "python -m experiments.exactness" in prose and "float64" in prose
