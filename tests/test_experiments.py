@@ -172,14 +172,14 @@ def test_paper_quick_stopped_mid_cycle_reports_the_saved_weights(tmp_path):
     assert len(per_cycle) == 1 and per_cycle[0]["complete_cycle"] == "False"
     assert "evaluated at harvest" in per_cycle[0]["last_sweep"] and "layer sweeps of cycle 1 done" in per_cycle[0]["last_sweep"]
     # the row is the saved checkpoint's weights, evaluated again here independently of the harvest
-    from rso.checkpoint import load_checkpoint
+    from rso.checkpoint import input_transform_of, load_checkpoint
     from rso.data import load_mnist
     from rso.evaluate import evaluate_checkpoint
 
     (folder,) = (tmp_path / "runs" / "paper").iterdir()
     state = load_checkpoint(folder)
     assert int(per_cycle[0]["weight_visits"]) == state["progress"]["visits"] > 0
-    again = evaluate_checkpoint({**state, "bn_statistics_step": None}, load_mnist(None, 1000, 500), 1000)
+    again = evaluate_checkpoint({**state, "bn_statistics_step": None}, load_mnist(None, 1000, 500, transform=input_transform_of(state)), 1000)
     assert float(per_cycle[0]["test_accuracy"]) == again["test_accuracy"]
     assert per_cycle[0]["code"] == this_code()
     assert "0 complete cycle(s) of 1 planned" in (out / "summary.md").read_text()
