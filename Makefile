@@ -4,9 +4,11 @@ PYTHON ?= python3
 RSO_DATA_DIR ?= $(abspath $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,./data))
 export RSO_DATA_DIR
 RUNS ?= runs
-# The CPU wheel of torch (PyPI's Linux wheel pulls CUDA): installed only when no torch is importable, so CUDA
-# machines keep theirs.
-TORCH_CPU ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# The CPU wheel of torch: installed only when no torch is importable, so CUDA machines keep theirs. On this
+# project's machines pip finds torch==2.13.0's CPU wheel on disk; elsewhere, PyPI's Linux wheel of torch pulls
+# CUDA, so give the CPU index: make install TORCH_CPU="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# (not the default: a machine that reaches only PyPI would wait on that index's timeouts).
+TORCH_CPU ?= torch==2.13.0
 
 .PHONY: install test mnist-rso mnist-rso-paper mnist-sgd tensorboard tensorboard-check bench clean help \
 	landscapes overparam compare batch-size depth ablations paper exactness experiments-quick readme record-mnist-rso faults \
