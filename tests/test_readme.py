@@ -25,8 +25,8 @@ def test_python_examples_in_the_readme_run(tmp_path, monkeypatch, data_dir, caps
     # one cycle of oneconv visits each of its 7890 weights once, and it learns (chance is 0.1)
     assert metrics["visits"] == 7890 and metrics["cycles_done"] == 1 and metrics["test_accuracy"] > 0.5
     assert json.loads((folder / "final.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
-    assert printed == f"{metrics['test_accuracy']} {metrics['visits']} {metrics['run_folder']}"
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert f"{metrics['test_accuracy']} {metrics['visits']} {metrics['run_folder']}" in printed
 
 
 def test_the_generated_region_is_what_readme_section_makes_from_results():
