@@ -603,7 +603,8 @@ def exit_status(run) -> int:
         print(f"{error}", file=sys.stderr)
         return error.status
     except KeyboardInterrupt:         # before the first sweep or during the final evaluation
-        print(f"interrupted ({INTERRUPTS.name}); checkpoints already written are kept", file=sys.stderr)
+        signal_name = f" ({INTERRUPTS.name})" if INTERRUPTS.received else ""
+        print(f"interrupted{signal_name}; checkpoints already written are kept", file=sys.stderr)
         return INTERRUPTS.exit_status
     except (DataError, CheckpointError, RunError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
