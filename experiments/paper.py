@@ -79,25 +79,31 @@ def evaluate_checkpoint(state: dict, config: TrainConfig) -> dict | None:
     """
     progress = state["progress"]
     history = progress["history"]
-    if progress["visits"] == 0 or (history and history[-1]["step"] == progress["visits"]):
+    inside = state.get("sweep") or {}          # a checkpoint saved inside a sweep: its weights include those visits
+    in_sweep = int(inside.get("visit", 0))
+    if progress["visits"] + in_sweep == 0 or (history and history[-1]["step"] == progress["visits"] and not in_sweep):
         return None
     data = common.mnist(config.train_subset, config.test_subset, config.resolved_input_transform())
     # a checkpoint saved between evaluations has stale BN statistics: rso.evaluate recomputes them
     result = evaluate_saved_weights({**state, "bn_statistics_step": None}, data, config.bn_samples)
     accuracy, test_loss = result["test_accuracy"], result["test_loss"]
-    n_tensors = len(visit_order(build_model(config.model, None, **config.model_options())))
-    return {"step": progress["visits"], "seconds": round(progress["seconds"], 3),
-            "forward_samples": progress["forward_samples"], "accepted": progress["accepted"],
+    targets = visit_order(build_model(config.model, None, **config.model_options()))
+    partial = (f" and {in_sweep} of {targets[progress['target_index']].numel} visits of the next "
+               f"({targets[progress['target_index']].name})" if in_sweep else "")
+    return {"step": progress["visits"] + in_sweep,
+            "seconds": round(progress["seconds"] + float(inside.get("seconds", 0.0)), 3),
+            "forward_samples": progress["forward_samples"] + in_sweep * 3 * config.batch_size,
+            "accepted": progress["accepted"] + int(inside.get("accepted", 0)),
             "train_loss": float("nan"), "test_accuracy": accuracy, "test_loss": test_loss,
-            "target": f"{progress['target_index']} of {n_tensors} layer sweeps of cycle "
-                      f"{progress['cycle'] + 1} done; checkpoint evaluated at harvest"}
+            "target": f"{progress['target_index']} of {len(targets)} layer sweeps of cycle "
+                      f"{progress['cycle'] + 1} done{partial}; checkpoint evaluated at harvest"}
 
 
 def sessions_text(state: dict) -> str:
     """The training sessions a checkpoint records (its start and every resume): when, at which code, from which visit."""
     sessions = state.get("provenance") or []
     if not sessions:
-        return "the checkpoint records no training sessions (written before provenance was recorded)"
+        return "the checkpoint records no training sessions (written before provenance was recorded; the run's meta.json names the commits of its start and resumes)"
     return "trained in " + ", ".join(f"{session.get('started', '?')} at {session.get('code', UNRECORDED)} "
                                      f"from visit {session.get('at_step', 0)}" for session in sessions)
 

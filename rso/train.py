@@ -577,8 +577,10 @@ class Trainer:
 def run_code(sessions: list[dict]) -> str:
     """The code labels of a run's sessions joined by '+' (``abc1234``, ``abc1234+def5678-dirty``), in order;
     a run resumed from a checkpoint that predates recorded provenance starts with ``unrecorded``."""
+    if not sessions:
+        return UNRECORDED
     codes = [session.get("code", UNRECORDED) for session in sessions]
-    if sessions and sessions[0].get("at_step", 0) > 0:
+    if sessions[0].get("at_step", 0) > 0:
         codes.insert(0, UNRECORDED)
     return "+".join(dict.fromkeys(codes))
 
