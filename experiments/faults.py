@@ -152,6 +152,15 @@ def checkpoint_mtime(folder: Path) -> float | None:
     return path.stat().st_mtime if path.is_file() else None
 
 
+def file_clock(work: Path) -> float:
+    """Now, on the clock file timestamps use: the kernel stamps files with a coarse clock that can trail
+    ``time.time()`` by a few milliseconds, so a checkpoint written just after ``time.time()`` may carry an
+    earlier mtime. A marker file touched now gives the moment on the files' own clock."""
+    marker = work / ".moment"
+    marker.touch()
+    return marker.stat().st_mtime
+
+
 def checkpoint_age(folder: Path, moment: float) -> float | None:
     path = folder / "checkpoint.pt"
     return moment - path.stat().st_mtime if path.is_file() else None
@@ -179,7 +188,7 @@ def kills(work: Path, data_dir: Path, count: int = 4, seed: int = 0, every: floa
                 time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 1.5))
         process.send_signal(signal.SIGKILL)
-        moment = time.time()
+        moment = file_clock(work)
         status, err = finish(process)
         age = checkpoint_age(folder, moment)
         if has_traceback(err):
@@ -218,7 +227,7 @@ def signals(work: Path, data_dir: Path, seed: int = 0) -> Tally:
         while process.poll() is None and not (folder / "checkpoint.pt").is_file():
             time.sleep(0.05)
         time.sleep(rng.uniform(0.2, 1.5))
-        moment = time.time()
+        moment = file_clock(work)
         process.send_signal(signum)
         status, err = finish(process)
         age = checkpoint_age(folder, moment)
@@ -230,7 +239,7 @@ def signals(work: Path, data_dir: Path, seed: int = 0) -> Tally:
         elif status != STATUS_SIGNALED[signum] or len(lines) != 1 or "interrupted" not in lines[0]:
             tally.add("accepted", f"status {status}: {err[-300:]!r}")
         elif "--resume" in lines[0] and (age is None or age > 0):
-            tally.add("lost", f"the last checkpoint predates the {signal.Signals(signum).name}")
+            tally.add("lost", f"the last checkpoint predates the {signal.Signals(signum).name} by {age:.4f} s: {lines[0]}")
         else:
             tally.add("ok")
         status, err = finish(launch([*args, "--cycles", "2"], data_dir))

@@ -333,10 +333,20 @@ class Trainer:
     def run(self) -> dict:
         started = time.perf_counter()
         self.stopping.start()
-        if self.progress.visits == 0:
-            self.log_start()
+        if self.config.optimizer == "rso":
+            # SIGINT/SIGTERM from here to the final checkpoint (the step-0 evaluation, building the engine, the
+            # final evaluation included) stop at the next visit, or after the final save, with a checkpoint
+            # taken after the signal
+            INTERRUPTS.defer(True)
         try:
+            if self.progress.visits == 0:
+                self.log_start()
             reason = self._run_rso() if self.config.optimizer == "rso" else self._run_backprop()
+            accuracy, test_loss = self.evaluate(full=True)
+            self.save()  # the final BN statistics go into the checkpoint that is evaluated independently
+            if INTERRUPTS.requested is not None:
+                self.save()   # the signal may have come during the save above: the checkpoint postdates it
+                raise StopRequested
         except (KeyboardInterrupt, StopRequested) as error:
             saved = "; a checkpoint was saved at this visit" if isinstance(error, StopRequested) else ""
             if (self.folder / "checkpoint.pt").is_file():
@@ -353,8 +363,8 @@ class Trainer:
             # one worker failed (or lost its peer): say where the run can continue from
             raise RunError(f"{distributed.one_line(error)}; the last checkpoint is {self.folder / 'checkpoint.pt'} "
                            f"(resume with --resume {self.folder}, with any number of workers)") from None
-        accuracy, test_loss = self.evaluate(full=True)
-        self.save()  # the final BN statistics go into the checkpoint that is evaluated independently
+        finally:
+            INTERRUPTS.defer(False)
         metrics = {"test_accuracy": accuracy, "test_loss": test_loss, "visits": self.progress.visits,
                    "accepted": self.progress.accepted, "forward_samples": self.progress.forward_samples,
                    "optimizer_steps": self.progress.optimizer_steps, "seconds": round(self.progress.seconds, 2),
@@ -483,6 +493,7 @@ class Trainer:
                     tracker.end_sweep()
                     self.save()
                     if INTERRUPTS.requested is not None:
+                        self.save()   # the signal may have come during the save above: the checkpoint postdates it
                         raise StopRequested
                     reason = self._stop_reason(stats.mean_loss, accuracy)
                     if reason:
@@ -490,7 +501,6 @@ class Trainer:
                     if last_of_cycle:
                         break
         finally:
-            INTERRUPTS.defer(False)
             bar.close()
         return None
 

@@ -88,7 +88,7 @@ def test_landscapes_experiment_quick(tmp_path):
 
     assert experiment(["--quick", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "table.md").read_text()
-    assert "- git commit:" in table and "- machine:" in table and "- command:" in table
+    assert "- git commit at start (every row):" in table and "- machine:" in table and "- command:" in table
     assert table.count("| multimodal |") == 3
     with Image.open(tmp_path / "multimodal_race.gif") as gif:
         assert gif.format == "GIF" and gif.n_frames >= 2

@@ -61,6 +61,6 @@ def test_overparam_experiment_quick(tmp_path):
 
     assert experiment(["--quick", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "table.md").read_text()
-    assert "- git commit:" in table and "- machine:" in table
+    assert "- git commit at start (every row):" in table and "- machine:" in table
     assert table.count("| Ackley 1-D, x0 = 10 |") == 3 and table.count("| qubic, x0 = 0.96 |") == 3
     assert (tmp_path / "runs.csv").read_text().count("\n") == 10
