@@ -50,6 +50,13 @@ AUTHORS_BN_EPS = 1e-3     # MXNet's BatchNorm default, which the authors' code k
 AUTHORS_POOLED = (1, 3)   # the authors' pool_index for 6 layers: 2x2 average pooling after conv1 and conv3
 
 
+def _check_depth_and_channels(depth: int, channels: int) -> None:
+    if not 1 <= depth <= 6:
+        raise ValueError(f"depth must be in 1..6, got {depth}")
+    if channels < 1:
+        raise ValueError(f"channels must be positive, got {channels}")
+
+
 def authors_convnet(depth: int = 6, channels: int = 16) -> nn.Sequential:
     """The ``forward`` of the authors' ``CNN_ND`` (rohun-tripathi/RSO-gradient-free, ``train.py``), layer for layer::
 
@@ -64,10 +71,7 @@ def authors_convnet(depth: int = 6, channels: int = 16) -> nn.Sequential:
     ``paper6`` is ``depth=6, channels=16`` (11,824 conv/dense weights, 192 BN parameters); other depths and
     widths keep the same layer pattern (the exactness tests use narrow copies).
     """
-    if not 1 <= depth <= 6:
-        raise ValueError(f"depth must be in 1..6, got {depth}")
-    if channels < 1:
-        raise ValueError(f"channels must be positive, got {channels}")
+    _check_depth_and_channels(depth, channels)
     layers: list[nn.Module] = []
     for index in range(depth):
         if index > 0:
@@ -86,10 +90,7 @@ def paper_convnet_cbr(depth: int = 6, channels: int = 16) -> nn.Sequential:
     It differs from the authors' network (:func:`authors_convnet`) in the order inside a layer (BN and ReLU
     before the pooling), a ReLU after the last BN, global average instead of max pooling, and BN eps 1e-5.
     """
-    if not 1 <= depth <= 6:
-        raise ValueError(f"depth must be in 1..6, got {depth}")
-    if channels < 1:
-        raise ValueError(f"channels must be positive, got {channels}")
+    _check_depth_and_channels(depth, channels)
     layers: list[nn.Module] = []
     for index in range(depth):
         layers += conv_bn_relu(1 if index == 0 else channels, channels)
