@@ -5,6 +5,7 @@ of a run's ``log.txt`` through the same ETA model, at every sweep boundary.
     python -m experiments.eta_check                  # paper6, 1000 training examples, batch 200, one cycle
     python -m experiments.eta_check --cycles 2 --train-subset 2000 --batch-size 500
     python -m experiments.eta_check --replay runs/mnist-rso/log.txt --model oneconv --batch-size 1000
+    python -m experiments.eta_check --replay results/paper/run/log.txt --batch-size 5000 --from-cycle 2
 
 Writes ``eta.csv`` (one row per report: seconds since the start, cycle, tensor, visits into the sweep, ETA,
 actual remaining time) into ``--out`` and prints, per sweep, the ETA at its first report against the actual
@@ -42,6 +43,11 @@ def replay(args) -> int:
 
     sweeps = [(int(m.group(1)) - 1, m.group(3), float(m.group(4)))
               for m in map(SWEEP_LINE.match, Path(args.replay).read_text().splitlines()) if m]
+    if args.from_cycle > 1:
+        # a resumed run's log: replay its whole cycles from this one on, as if the run had started there (a
+        # cycle's sweeps do the same work whatever its number; only sigma differs)
+        sweeps = [(cycle - args.from_cycle + 1, name, seconds) for cycle, name, seconds in sweeps
+                  if cycle + 1 >= args.from_cycle]
     if not sweeps:
         raise SystemExit(f"error: no sweep lines ('cycle c/C tensor ... (s s, t s total)') in {args.replay}")
     model = build_model(args.model, torch.Generator().manual_seed(0))
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/progress")
     parser.add_argument("--replay", help="a run's log.txt: replay its sweep times instead of training")
     parser.add_argument("--train-examples", type=int, default=60000, help="--replay: training examples of the run")
+    parser.add_argument("--from-cycle", type=int, default=1,
+                        help="--replay: start at this cycle of the log (a run resumed inside an earlier one)")
     args = parser.parse_args(argv)
     if args.replay:
         return replay(args)

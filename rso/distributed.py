@@ -170,6 +170,17 @@ class World:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any: a stop (a signal one rank received) that every rank
+        takes at the same visit. One small all-reduce; not counted in :attr:`collectives`."""
+        if self.size == 1:
+            return flag
+        import torch.distributed as dist
+
+        box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return bool(box.item())
+
     def check_same(self, value: float, what: str) -> None:
         """Raise when the ranks disagree on ``value`` (e.g. a checksum of the starting weights)."""
         if self.size == 1:
@@ -262,18 +273,35 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def _worker(rank: int, size: int, port: int, report, target: Callable, args: tuple) -> None:
+def _die_with(parent: int) -> None:
+    """End this worker (SIGTERM: checkpoint at the next visit, then stop) when the launcher dies, even by
+    SIGKILL: Linux's PR_SET_PDEATHSIG. Elsewhere a no-op (the launcher then ends its workers itself)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:           # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(rank: int, size: int, port: int, report, target: Callable, args: tuple, parent: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if rank != 0:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: rank 0 reports it, the launcher ends the rest
+    # A session of its own: a terminal's Ctrl-C reaches the launcher alone, which passes each signal on to
+    # every worker exactly once (a second one would end a worker before it saved).
+    os.setsid()
+    _die_with(parent)
     try:
         status = target(*args) or 0
     except SystemExit as exit_:
         status = exit_.code if isinstance(exit_.code, int) else 1
     except BaseException as error:  # noqa: BLE001 - reported to the launcher in one line, then the process ends
-        report.send((getattr(error, "failed_at", time.time()), rank, one_line(error), traceback.format_exc()))
-        status = 1
+        with contextlib.suppress(OSError):   # (a launcher that was killed reads nothing)
+            report.send((getattr(error, "failed_at", time.time()), rank, one_line(error), traceback.format_exc()))
+        status = getattr(error, "status", 1) if isinstance(getattr(error, "status", None), int) else 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -282,43 +310,65 @@ def _worker(rank: int, size: int, port: int, report, target: Callable, args: tup
 def launch(size: int, target: Callable, args: tuple = (), grace_s: float = 10.0) -> int:
     """Run ``target(*args)`` in ``size`` local processes (ranks 0..size-1, rendezvous on a free localhost
     port) and supervise them: when one fails, the others are ended (SIGTERM, then SIGKILL after ``grace_s``)
-    and one line names the failed rank. Returns the run's exit status (0 when every rank returned 0)."""
+    and one line names the failed rank. SIGINT/SIGTERM sent to the launcher are passed on to every worker
+    (they stop together at the next visit, rank 0 checkpoints), and the launcher waits for them. Returns the
+    run's exit status (0 when every rank returned 0; 128 + the signal when a signal stopped it)."""
     context = multiprocessing.get_context("spawn")
     pipes = [context.Pipe(duplex=False) for _ in range(size)]    # (receive, send): a failure's one line
     port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, size, port, pipes[rank][1], target, args))
+    processes = [context.Process(target=_worker, args=(rank, size, port, pipes[rank][1], target, args, os.getpid()))
                  for rank in range(size)]
-    for process in processes:
-        process.start()
-    failed: tuple[int, int] | None = None
-    interrupted = False
+    signaled: list[int] = []
+
+    def forward(signum, frame) -> None:
+        signaled.append(signum)
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)} \
+        if threading_main() else {}
     try:
+        for process in processes:
+            process.start()
+        failed: tuple[int, int] | None = None
         while any(process.is_alive() for process in processes):
             for rank, process in enumerate(processes):
                 if process.exitcode not in (None, 0) and failed is None:
                     failed = (rank, process.exitcode)
-            if failed is not None:
-                break
+            if failed is not None and not signaled:
+                break      # a failure: end the others below. After a signal every rank stops on its own.
             time.sleep(0.05)
-    except KeyboardInterrupt:
-        interrupted = True
-        failed = failed or (0, 130)
-    if failed is None:
-        for rank, process in enumerate(processes):
-            process.join()
-            if process.exitcode != 0 and failed is None:
-                failed = (rank, process.exitcode)
-    if interrupted:
-        processes[0].join(grace_s)   # rank 0 reports the interrupt and where the last checkpoint is
-    codes = [process.exitcode for process in processes]   # before the survivors are ended below
-    _end(processes, grace_s)
+        if failed is None:
+            for rank, process in enumerate(processes):
+                process.join()
+                if process.exitcode != 0 and failed is None:
+                    failed = (rank, process.exitcode)
+        codes = [process.exitcode for process in processes]   # before the survivors are ended below
+        _end(processes, grace_s)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     reports = sorted(receive.recv() for receive, _ in pipes if receive.poll())
+    if signaled and failed is not None:    # (a run that finished before the signal reached it: status 0)
+        stopped = 128 + signaled[0]
+        main = [line for _, rank, line, _ in reports if rank == 0]
+        if main and main[0].startswith(("KeyboardInterrupt", "RunInterrupted")):
+            print(main[0].split(": ", 1)[-1], file=sys.stderr)
+        elif main:
+            print(f"error: worker rank 0 of {size} failed: {main[0]}; the other workers were stopped", file=sys.stderr)
+            return 2
+        else:
+            print(f"interrupted ({signal.Signals(signaled[0]).name}); checkpoints already written are kept",
+                  file=sys.stderr)
+        return stopped
     if failed is None:
         return 0
     reported = {rank for _, rank, _, _ in reports}
     # the cause: a worker that died without a word (its peers then fail on the lost connection), else the
     # first one that reported an error
-    silent = [rank for rank, code in enumerate(codes) if code not in (None, 0, 130) and rank not in reported]
+    silent = [rank for rank, code in enumerate(codes) if code not in (None, 0, 130, 143) and rank not in reported]
     if silent:
         rank = failed[0] if failed[0] in silent else silent[0]
         code = codes[rank]
@@ -327,13 +377,19 @@ def launch(size: int, target: Callable, args: tuple = (), grace_s: float = 10.0)
         return 2
     if reports:
         _, rank, line, _ = reports[0]
-        if line.startswith(("KeyboardInterrupt", "RunInterrupted")):
+        if line.startswith(("KeyboardInterrupt", "RunInterrupted")):   # a signal sent to a worker itself
             print(line.split(": ", 1)[-1], file=sys.stderr)
-            return 130
+            return failed[1] if failed[1] in (130, 143) else 130
         print(f"error: worker rank {rank} of {size} failed: {line}; the other workers were stopped",
               file=sys.stderr)
         return 2
-    return 130 if interrupted or failed[1] == 130 else 2
+    return failed[1] if failed[1] in (130, 143) else 2
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _end(processes, grace_s: float) -> None:

@@ -344,7 +344,7 @@ class Trainer:
             reason = self._run_rso() if self.config.optimizer == "rso" else self._run_backprop()
             accuracy, test_loss = self.evaluate(full=True)
             self.save()  # the final BN statistics go into the checkpoint that is evaluated independently
-            if INTERRUPTS.requested is not None:
+            if self.stop_requested():
                 self.save()   # the signal may have come during the save above: the checkpoint postdates it
                 raise StopRequested
         except (KeyboardInterrupt, StopRequested) as error:
@@ -492,7 +492,7 @@ class Trainer:
                         + f" ({stats.seconds:.1f} s, {progress.seconds:.0f} s total)")
                     tracker.end_sweep()
                     self.save()
-                    if INTERRUPTS.requested is not None:
+                    if self.stop_requested():
                         self.save()   # the signal may have come during the save above: the checkpoint postdates it
                         raise StopRequested
                     reason = self._stop_reason(stats.mean_loss, accuracy)
@@ -504,6 +504,11 @@ class Trainer:
             bar.close()
         return None
 
+    def stop_requested(self) -> bool:
+        """Did SIGINT/SIGTERM ask the run to stop? With several workers, any rank's signal stops them all at
+        the same visit (every rank calls this at the same points)."""
+        return self.world.any(INTERRUPTS.requested is not None)
+
     def _sweep_checkpoint(self, target, generator_state: torch.Tensor, sweep_start: float, earlier: float):
         """The hook ``run_sweep`` calls between visits: a checkpoint every ``checkpoint_every`` seconds and
         when a signal asked to stop (then :class:`StopRequested`)."""
@@ -511,7 +516,7 @@ class Trainer:
 
         def checkpoint(visit: int, stats: SweepStats) -> None:
             nonlocal last_save
-            requested = INTERRUPTS.requested is not None
+            requested = self.stop_requested()
             if visit >= target.numel or not (requested or time.monotonic() - last_save >= self.config.checkpoint_every):
                 return      # (the end of a sweep has its own checkpoint)
             self.save(sweep={"visit": visit, "accepted": stats.accepted, "loss_sum": stats.loss_sum,
@@ -632,7 +637,8 @@ def run_worker(argv: list[str] | None) -> int:
     config, given, _ = parse_args(argv)
     world = distributed.init_world(select_device(config.device))
     try:
-        train(config, given, argv, world=world)
+        with INTERRUPTS.installed():   # SIGINT/SIGTERM: every rank stops at the same visit, rank 0 saves
+            train(config, given, argv, world=world)
     except BaseException as error:
         distributed.stamp_failure(error)
         raise

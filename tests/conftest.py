@@ -14,6 +14,16 @@ DATA_DIR = Path(os.environ.get("RSO_DATA_DIR") or ROOT.parent / "shared" / "data
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is fastest and immune to a busy machine. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "MNIST" / "raw").is_dir():

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,88 @@ def test_shares_cover_a_chunk_once():
         shares = [distributed.World(rank, size).share(rows) for rank in range(size)]
         assert torch.equal(torch.cat(shares), rows)
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds ``marker`` (a launcher's workers inherit its environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    stat = (entry / "stat").read_text()
+                    if stat.rsplit(")", 1)[-1].split()[0] != "Z":
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _start_workers(data_dir, folder: Path, name: str, marker: str, *flags) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "RSO_DATA_DIR": str(data_dir), "RSO_TEST_MARK": marker}
+    environment.pop("RANK", None)
+    return subprocess.Popen([sys.executable, "-m", "rso.train", *TINY, "--data-dir", str(data_dir), "--run-dir",
+                             str(folder), "--name", name, *flags], cwd=ROOT, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(signum, tmp_path, data_dir):
+    """``kill`` (or Ctrl-C) sent to the launcher of a 2-worker run: it passes the signal on, the workers stop
+    together at the next visit, rank 0 checkpoints, the launcher exits 128 + signal with one line, no worker
+    is left; the run resumes with 1 worker and ends with the weights of an uninterrupted run."""
+    flags = [*NETS["bn"], "--engine", "fast", "--checkpoint-every", "1000"]
+    marker = f"signal-{signum}-{tmp_path.name}"
+    process = _start_workers(data_dir, tmp_path, "split", marker, *flags, "--cycles", "40", "--workers", "2")
+    checkpoint = tmp_path / "split" / "checkpoint.pt"
+    assert _wait_for(lambda: checkpoint.is_file() or process.poll() is not None, TIMEOUT_S)
+    time.sleep(0.5)
+    before = load_checkpoint(tmp_path / "split")["progress"]["visits"]
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=TIMEOUT_S)
+    assert process.returncode == 128 + signum, err[-3000:]
+    lines = [line for line in err.strip().splitlines() if line.strip() and "Warning" not in line
+             and "warnings.warn" not in line]
+    assert len(lines) == 1 and f"interrupted ({signal.Signals(signum).name})" in lines[0], err[-3000:]
+    assert "a checkpoint was saved at this visit" in lines[0] and "--resume" in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert _wait_for(lambda: not _processes_with(marker), 30), "a worker outlived its launcher"
+    state = load_checkpoint(tmp_path / "split")
+    assert state["progress"]["visits"] + (state.get("sweep") or {}).get("visit", 0) > before   # saved after
+    assert state["progress"]["cycle"] < 40
+    # the stopped run continues exactly: its weights after 2 more cycles are an uninterrupted run's
+    cycles = state["progress"]["cycle"] + 2
+    assert main(["--resume", str(tmp_path / "split"), "--cycles", str(cycles), "--workers", "1", "--no-progress"]) == 0
+    run_here(data_dir, tmp_path, "straight", *flags, "--cycles", str(cycles))
+    straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), key
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_do_not_outlive_a_killed_launcher(tmp_path, data_dir):
+    """SIGKILL to the launcher (it cannot pass anything on): the workers notice their parent died, stop at
+    the next visit with a checkpoint and exit; the run folder resumes."""
+    flags = [*NETS["bn"], "--engine", "fast", "--checkpoint-every", "1000"]
+    marker = f"killed-{tmp_path.name}"
+    process = _start_workers(data_dir, tmp_path, "orphaned", marker, *flags, "--cycles", "40", "--workers", "2")
+    checkpoint = tmp_path / "orphaned" / "checkpoint.pt"
+    assert _wait_for(lambda: checkpoint.is_file() or process.poll() is not None, TIMEOUT_S)
+    time.sleep(0.5)
+    process.kill()
+    process.communicate(timeout=TIMEOUT_S)
+    assert _wait_for(lambda: not _processes_with(marker), 60), "workers outlived a killed launcher"
+    state = load_checkpoint(tmp_path / "orphaned")
+    assert state["progress"]["cycle"] < 40
+    assert main(["--resume", str(tmp_path / "orphaned"), "--cycles", str(state["progress"]["cycle"] + 1),
+                 "--workers", "1", "--no-progress"]) == 0

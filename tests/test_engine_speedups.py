@@ -14,12 +14,7 @@ from rso.search.loop import run_sweep
 from rso.search.visit import visit_order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest
 
 
 def conv_net() -> nn.Sequential:

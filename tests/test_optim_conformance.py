@@ -24,13 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from rso.optim import RSO, make_optimizer, optimizer_step
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a second intra-op thread only adds synchronisation (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest
 
 
 # Constructor options per optimizer, as OptimizerInfo.optim_inputs_func gives them (factories: schedulers

@@ -21,12 +21,7 @@ from rso.search.loop import run_sweep
 from rso.search.visit import visit_order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest
 
 
 def authors_forward(weights: dict, x: torch.Tensor, statistics: dict | None = None) -> torch.Tensor:
