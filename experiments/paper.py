@@ -29,6 +29,7 @@ from rso.models import build_model, count_weights
 from rso.search.visit import visit_order
 from rso.provenance import UNRECORDED
 from rso.train import exit_status, run_code, train
+from rso.train import main as train_main
 
 PAPER_CLAIMS = "paper: 98% after 5 cycles; 99.12% after 50 cycles (SGD 99.27% after 50 epochs)"
 
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"also copy the run's checkpoint, config, meta and log into <out>/{SAVED_RUN}/ (small: "
                              "about 100 KB for paper6), from where a later session on another machine continues it")
     parser.add_argument("--fresh", action="store_true", help=f"never continue from <out>/{SAVED_RUN}/")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="score every chunk in N local processes (rso.train --workers N; same decisions in "
+                             "float64): the fastest exact CPU setup is one worker per core")
     args = parser.parse_args(argv)
     out = common.prepare(args)
     config, given = paper_config(args)
@@ -210,16 +214,44 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy2(path, checkpoint.parent / path.name)
         print(f"seeded {checkpoint.parent} from {saved_run} (the run's committed checkpoint)", flush=True)
     print(f"{'continuing' if checkpoint.is_file() else 'starting'} {checkpoint.parent}", flush=True)
-    data = common.mnist(config.train_subset, config.test_subset, config.resolved_input_transform())
-    metrics = train(config, given=given, data=data)
-    state = load_checkpoint(checkpoint)
-    saved = TrainConfig.from_dict(state["config"])
-    status = (f"stopped: {metrics['stopped_by']}" if metrics.get("stopped_by") else "finished the planned cycles"
-              ) + f"; final test accuracy {metrics['test_accuracy']:.4f} with BN statistics over the whole training set"
+    if args.workers > 1:
+        code = train_main(worker_flags(config, args.workers))
+        if not checkpoint.is_file():
+            return code
+        state = load_checkpoint(checkpoint)
+        saved = TrainConfig.from_dict(state["config"])
+        status = (f"{args.workers} workers; " + ("ended (planned cycles or budget)" if code == 0 else
+                                                 f"stopped with exit status {code}; the checkpoint continues it"))
+    else:
+        data = common.mnist(config.train_subset, config.test_subset, config.resolved_input_transform())
+        metrics = train(config, given=given, data=data)
+        state = load_checkpoint(checkpoint)
+        saved = TrainConfig.from_dict(state["config"])
+        status = (f"stopped: {metrics['stopped_by']}" if metrics.get("stopped_by") else "finished the planned cycles"
+                  ) + f"; final test accuracy {metrics['test_accuracy']:.4f} with BN statistics over the whole training set"
+        code = 0
     report(out, saved, state, args, argv, status)
     if args.save_run:
         save_run(checkpoint.parent, out / SAVED_RUN)
-    return 0
+    return code
+
+
+def worker_flags(config: TrainConfig, workers: int) -> list[str]:
+    """``python -m rso.train`` flags for this experiment's run with ``workers`` processes: every field this
+    experiment sets (the preset's, and --quick's slices), so the launcher's workers build the same config."""
+    flags = ["--preset", "authors", "--model", config.model, "--depth", str(config.depth), "--channels",
+             str(config.channels), "--batch-size", str(config.batch_size), "--cycles", str(config.cycles),
+             "--weight-decay", repr(config.weight_decay), "--bn-samples", str(config.bn_samples),
+             "--search-bn", config.search_bn, "--search-bn-images", str(config.search_bn_images),
+             "--seed", str(config.seed), "--eval-every", config.eval_every, "--engine", config.engine,
+             "--run-dir", str(config.run_dir), "--name", config.name, "--resume-if-exists", "--workers", str(workers)]
+    for flag, value in (("--train-subset", config.train_subset), ("--test-subset", config.test_subset),
+                        ("--max-seconds", config.max_seconds), ("--threads", config.threads)):
+        if value is not None:
+            flags += [flag, str(value)]
+    if not config.progress:
+        flags.append("--no-progress")
+    return flags
 
 
 if __name__ == "__main__":

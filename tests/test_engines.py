@@ -7,11 +7,13 @@ import torch
 from torch import nn
 
 from rso.data import load_mnist
-from rso.engines import ENGINES, ChunkPartition, FastEngine, PrefixCacheEngine, ReferenceEngine, make_engine
+from rso.engines import ENGINES, FastEngine, PrefixCacheEngine, ReferenceEngine, make_engine
 from rso.models import build_model, he_init_
-from rso.search.candidates import candidate_values, gaussian_steps, select_candidate
+from rso.search.candidates import gaussian_steps
 from rso.search.loop import run_sweep
 from rso.search.visit import visit_order
+
+from engine_checks import compare_visits  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 
@@ -58,40 +60,6 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
             elif isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
     return model
-
-
-def compare_visits(model, target, images, labels, batch_size, fast, *, visits=24, seed=0, rtol=1e-9,
-                   order="increasing"):
-    """Score sampled elements of ``target`` with both engines, accept the reference's choice, compare losses."""
-    generator = torch.Generator().manual_seed(seed)
-    partition = ChunkPartition(torch.randperm(len(labels), generator=generator), batch_size)
-    reference = ReferenceEngine()
-    reference.begin_sweep(model, target, images, labels, partition)
-    fast.begin_sweep(model, target, images, labels, partition)
-    count = min(visits, target.numel)
-    indices = torch.randperm(target.numel, generator=generator)[:count]
-    indices = indices.sort().values if order == "increasing" else indices
-    steps = gaussian_steps(target.sigma, count, generator) * 3
-    flat = target.parameter.data.view(-1)
-    worst = 0.0
-    accepted = 0
-    for visit, (index, step) in enumerate(zip(indices.tolist(), steps.tolist())):
-        chunk = visit % partition.n_chunks
-        current = flat[index].item()
-        values = candidate_values(current, step, 1e-3).to(flat.dtype).to(torch.float64)
-        expected = reference.score(index, values, chunk)
-        got = fast.score(index, values, chunk)
-        worst = max(worst, float(((got - expected).abs() / expected.abs()).max()))
-        choice = select_candidate(expected)
-        chosen = values[choice].item()
-        if chosen != current:
-            flat[index] = chosen
-            accepted += 1
-            reference.commit(index, chosen, chunk)
-            fast.commit(index, chosen, chunk)
-    fast.end_sweep()
-    assert worst <= rtol, f"{target.name}: worst relative difference {worst:.3g}"
-    return worst, accepted
 
 
 @pytest.mark.parametrize("kernels", ["torch", "numba"])

@@ -16,9 +16,11 @@ from rso.config import PRESETS, TrainConfig
 from rso.data import load_mnist
 from rso.engines import ChunkPartition, FastEngine, ReferenceEngine, batch_statistics, fixed_statistics
 from rso.models import INPUT_TRANSFORMS, authors_convnet, build_model, he_init_
-from rso.search.candidates import candidate_values, gaussian_steps, select_candidate
+from rso.search.candidates import gaussian_steps
 from rso.search.loop import run_sweep
 from rso.search.visit import visit_order
+
+from engine_checks import compare_every_tensor  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest
@@ -161,40 +163,6 @@ def test_fixed_statistics_are_the_authors_reset(mnist_small):
     torch.testing.assert_close(got, x.amax(dim=(2, 3)) @ weights["dense"], rtol=1e-10, atol=1e-10)
 
 
-def compare_engines(model, images, labels, batch_size, kernels, *, fixed_images=None, visits=12, seed=0,
-                    rtol=1e-9):
-    """Score sampled visits of every tensor with both engines; accept the reference's choice; worst relative
-    difference over all losses."""
-    generator = torch.Generator().manual_seed(seed)
-    worst, accepted = 0.0, 0
-    for target in visit_order(model):
-        partition = ChunkPartition(torch.randperm(len(labels), generator=generator), batch_size)
-        fixed = None if fixed_images is None else fixed_statistics(model, fixed_images, target.module)
-        reference, fast = ReferenceEngine(), FastEngine(kernels=kernels)
-        reference.begin_sweep(model, target, images, labels, partition, fixed)
-        fast.begin_sweep(model, target, images, labels, partition, fixed)
-        count = min(visits, target.numel)
-        indices = torch.randperm(target.numel, generator=generator)[:count].sort().values
-        steps = gaussian_steps(target.sigma, count, generator) * 3
-        flat = target.parameter.data.view(-1)
-        for visit, (index, step) in enumerate(zip(indices.tolist(), steps.tolist())):
-            chunk = visit % partition.n_chunks
-            current = flat[index].item()
-            values = candidate_values(current, step, 1e-4).to(flat.dtype).to(torch.float64)
-            expected = reference.score(index, values, chunk)
-            got = fast.score(index, values, chunk)
-            worst = max(worst, float(((got - expected).abs() / expected.abs()).max()))
-            chosen = values[select_candidate(expected)].item()
-            if chosen != current:
-                flat[index] = chosen
-                accepted += 1
-                fast.commit(index, chosen, chunk)
-        fast.end_sweep()
-    assert accepted > 0
-    assert worst <= rtol, f"worst relative difference {worst:.3g}"
-    return worst
-
-
 @pytest.mark.parametrize("search_bn", ["chunk", "fixed-below"])
 @pytest.mark.parametrize("kernels", ["torch", "numba"])
 def test_fast_equals_reference_on_the_authors_pattern_float64(kernels, search_bn, mnist_small):
@@ -203,7 +171,7 @@ def test_fast_equals_reference_on_the_authors_pattern_float64(kernels, search_bn
     random_authors_weights(model, seed=7)
     images, labels = mnist_small.train_images[:96].double(), mnist_small.train_labels[:96]
     fixed_images = mnist_small.train_images[1000:1200].double() if search_bn == "fixed-below" else None
-    compare_engines(model, images, labels, 32, kernels, fixed_images=fixed_images)
+    compare_every_tensor(model, images, labels, 32, lambda: FastEngine(kernels=kernels), fixed_images=fixed_images)
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
@@ -212,7 +180,7 @@ def test_fast_equals_reference_on_paper6_at_real_width(dtype, rtol, mnist_small)
     searched one fixed, the authors' handling; the chunk-statistics mode is covered on the narrow copy)."""
     model = build_model("paper6", torch.Generator().manual_seed(8)).to(dtype)
     images, labels = mnist_small.train_images[:500].to(dtype), mnist_small.train_labels[:500]
-    worst = compare_engines(model, images, labels, 250, "auto", visits=2, seed=1, rtol=rtol,
+    worst = compare_every_tensor(model, images, labels, 250, lambda: FastEngine(kernels="auto"), visits=2, seed=1, rtol=rtol,
                             fixed_images=mnist_small.train_images[1000:1500].to(dtype))
     print(f"paper6 {dtype}: worst relative loss difference fast vs reference {worst:.3g}")
 

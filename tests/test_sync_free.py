@@ -15,7 +15,10 @@ from rso.models import build_model
 from rso.search.candidates import gaussian_steps
 from rso.search.loop import NonFiniteLossError, run_sweep
 from rso.search.visit import visit_order
-from test_engines import compare_visits, mnist, one_thread, randomize, run_cycle, small_nets  # noqa: F401
+from engine_checks import compare_visits
+from test_engines import mnist, randomize, run_cycle, small_nets  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest
 
 
 def authors_structure() -> nn.Sequential:
