@@ -184,8 +184,6 @@ class FastEngine(ScoringEngine):
         layer, kind = self.layer, self.target.kind
         if not (self._numba_path and isinstance(layer, nn.Conv2d) and kind in ("weight", "bias")):
             return None
-        if self.world.size > 1:   # its BN statistics would be this rank's alone: the operators reduce them
-            return None
         if kind == "weight" and not (tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
                                      and isinstance(layer.padding, tuple)):
             return None
@@ -527,7 +525,7 @@ class FastEngine(ScoringEngine):
             moments = None if block.batchnorm is None else \
                 fused.block_moments(state.preactivation, source, steps, tap, block)
             out = fused.block_output(state.preactivation, source, steps, tap, block, channel, moments,
-                                     self._block_buffer)
+                                     self._block_buffer, self.world.combine_moments if self.world.size > 1 else None)
             self._block_buffer = out.transpose(0, 1)
             pre, offset, size = None, channel, 1
         else:

@@ -284,9 +284,11 @@ def block_moments(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.T
 
 
 def block_output(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.Tensor, tap: tuple[int, int],
-                 block: ChannelBlock, channel: int, moments, out: torch.Tensor | None = None) -> torch.Tensor:
+                 block: ChannelBlock, channel: int, moments, out: torch.Tensor | None = None,
+                 combine_moments=None) -> torch.Tensor:
     """The block's output for every candidate, (N, K, H', W') (a view of a (K, N, H', W') tensor, ``out``
-    when given), normalized with ``moments`` (from :func:`block_moments`, or reduced over processes)."""
+    when given), normalized with ``moments`` (from :func:`block_moments`: this process's examples; with
+    several workers ``combine_moments`` (``World.combine_moments``) makes them the whole chunk's)."""
     source, basis, unit = _block_arrays(pre, inputs)
     n, height, width = source.shape
     count = steps.shape[0]
@@ -295,7 +297,7 @@ def block_output(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.Te
     if block.pool != "none":
         height, width = height // 2, width // 2
     if block.batchnorm is not None:
-        scale, bias = batchnorm_affine(block.batchnorm, *moments, channel=channel)
+        scale, bias = batchnorm_affine(block.batchnorm, *moments, channel=channel, combine_moments=combine_moments)
     else:
         scale, bias = np.ones(count), np.zeros(count)
     if out is None or tuple(out.shape) != (count, n, height, width):
