@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -267,6 +268,40 @@ def peak_rates(device: torch.device, dtype: torch.dtype) -> dict:
                 "conv_gflops": best(lambda: F.conv2d(x, w, padding=1), 2 * 1000 * 28 * 28 * 16 * 16 * 9)}
 
 
+def _conv_rate_in_process(barrier, results, dtype_name: str) -> None:
+    torch.set_num_threads(1)
+    x = torch.randn(1000, 16, 28, 28, dtype=getattr(torch, dtype_name))
+    w = torch.randn(16, 16, 3, 3, dtype=getattr(torch, dtype_name))
+    with torch.no_grad():
+        F.conv2d(x, w, padding=1)
+        barrier.wait()
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < 3.0:
+            F.conv2d(x, w, padding=1)
+            count += 1
+        results.put(count * 2 * 1000 * 28 * 28 * 16 * 16 * 9 / (time.perf_counter() - start) / 1e9)
+
+
+def parallel_ceiling(workers: int, dtype: torch.dtype) -> dict:
+    """What ``workers`` processes can gain over one on this machine: the conv above, one thread each, for 3 s
+    in 1 process and then in ``workers`` processes at once (a VM's vCPUs may share physical cores or memory
+    bandwidth, which caps what N workers can reach whatever the code does)."""
+    context = multiprocessing.get_context("spawn")
+    rates = {}
+    for count in sorted({1, workers}):
+        barrier, results = context.Barrier(count), context.Queue()
+        processes = [context.Process(target=_conv_rate_in_process, args=(barrier, results, str(dtype).split(".")[-1]))
+                     for _ in range(count)]
+        for process in processes:
+            process.start()
+        total = sum(results.get(timeout=120) for _ in processes)
+        for process in processes:
+            process.join()
+        rates[count] = total
+    return {"workers": workers, "one_process_gflops": rates[1], "all_processes_gflops": rates[workers],
+            "ratio": rates[workers] / rates[1]}
+
+
 def bench_case(name: str, batch_size: int, args, device: torch.device) -> dict:
     base = {"model": name, "batch_size": batch_size, "device": str(device), "dtype": args.dtype, "seed": args.seed,
             "train_subset": args.train_subset, "threads": args.threads, "extra_visits": args.extra_visits,
@@ -402,18 +437,24 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     load_start = os.getloadavg()
     rates = peak_rates(device, dtype)
-    print(f"machine: matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s; "
+    ceiling = parallel_ceiling(args.workers, dtype) if device.type == "cpu" and args.workers > 1 else None
+    scaling = (f"; {args.workers} processes of that conv at once reach {ceiling['ratio']:.2f}x one process's "
+               f"throughput (the ceiling for {args.workers} workers here)" if ceiling else "")
+    print(f"machine: matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s{scaling}; "
           f"load average {load_start[0]:.1f} on {os.cpu_count()} cores", flush=True)
     results = [bench_case(name, args.batch_size or batch, args, device) for name, batch in CASES
                if name in args.models.split(",")]
     load_end = os.getloadavg()
     texts = [table(case) for case in results]
     summary = [line for case in results for line in summary_lines(case, device)]
-    load = (f"load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end, on {os.cpu_count()} "
-            f"cores" + (" (a loaded machine: other jobs ran)" if max(load_start[0], load_end[0]) > 1.5 else ""))
+    # the end figure includes the bench's own workers; only the start says whether other jobs were running
+    load = (f"load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end (its own workers "
+            f"included), on {os.cpu_count()} cores"
+            + (" (a loaded machine: other jobs ran)" if load_start[0] > 0.5 * (os.cpu_count() or 1) else ""))
     command = "python -m rso.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"command": command.strip(), "commit": commit(), "machine": machine(device), "dtype": args.dtype,
               "threads_per_worker": args.threads, "train_examples": args.train_subset or 60000, "rates": rates,
+              "parallel_ceiling": ceiling,
               "load_average": {"start": load_start, "end": load_end}, "results": results, "summary": summary,
               "seconds": time.perf_counter() - started}
     output.mkdir(parents=True, exist_ok=True)
@@ -422,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     (output / "bench.txt").write_text(
         f"# {report['command']} at commit {report['commit']}\n# {json.dumps(report['machine'])}\n"
-        f"# matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s; {load}; "
+        f"# matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s{scaling}; {load}; "
         f"{args.threads} thread(s) per worker\n" + text + "\n" + "\n".join(summary) + "\n")
     print(f"# {load}; written to {output}")
     for line in summary:

@@ -134,6 +134,17 @@ def test_paper_quick_resumes_and_reports_every_cycle(tmp_path):
     assert "harvested from" in (out / "summary.md").read_text()
 
 
+def test_paper_quick_continues_with_two_workers(tmp_path):
+    """``--workers 2`` hands the experiment's whole config to rso.train's launcher: it continues the
+    1-process run's folder and the report gains the second cycle."""
+    quick(paper, tmp_path, "paper", "--cycles", "1")
+    out = quick(paper, tmp_path, "paper", "--cycles", "2", "--workers", "2")
+    assert [r["cycle"] for r in rows(out / "per_cycle.csv")] == ["1.0", "2.0"]
+    assert "2 complete cycle(s) of 2 planned" in (out / "summary.md").read_text()
+    (folder,) = (tmp_path / "runs" / "paper").iterdir()
+    assert "2 workers (gloo)" in (folder / "log.txt").read_text()
+
+
 def test_paper_run_continues_on_another_machine_from_its_saved_copy(tmp_path, capsys):
     """--save-run keeps the checkpoint beside the results; a run folder that does not exist (a new machine)
     is seeded from it and continues to exactly the weights of the run continued where it started."""
