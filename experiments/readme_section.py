@@ -108,10 +108,46 @@ def benchmark(results: Path, link_root: str) -> list[str]:
             f"({link_root}/bench/bench.json); its first lines name the commit, the machine and the rates of a "
             "plain matmul and conv measured in the same run. Reference: three full forward passes per visit; "
             "fast: cached lower layers, one-channel incremental deltas, the closed form for the output layer. "
-            + ("Each model's `peak memory` is that model's own peak." if "per model" in table.read_text() else
+            + ("Every configuration runs in fresh processes, so each `peak memory per worker` is that "
+               "configuration's own (`ru_maxrss`)." if "per worker" in table.read_text() else
+               "Each model's `peak memory` is that model's own peak." if "per model" in table.read_text() else
                "`peak memory` is the peak resident memory of the whole bench process up to that line (`ru_maxrss`), "
                "not the model's own: a model benchmarked after a larger one repeats the larger one's peak."),
-            "", "```", table.read_text().strip(), "```", ""]
+            "", "```", table.read_text().strip(), "```", "", *bench_targets(results / "bench" / "bench.json")]
+
+
+# the distributed-scoring issue's targets for paper6 at batch 5000, on an idle 2-core machine
+BENCH_TARGETS = {"cycle_2w_s": 900.0, "two_vs_one": 1.7, "fast_vs_prefix": 2.5, "memory_gb": 6.0}
+
+
+def bench_targets(path: Path) -> list[str]:
+    """The targets against the bench's own numbers (computed here from bench.json, never typed in)."""
+    if not path.is_file():
+        return []
+    report = json.loads(path.read_text())
+    case = next((case for case in report["results"] if case["model"] == "paper6" and case["batch_size"] == 5000), None)
+    if case is None or not {"fast_1", "fast_2", "prefix"} <= set(case["cycle_s"]):
+        return []
+    cycle = case["cycle_s"]
+    memory = max(case["peak_memory_gb"]["fast_2"])
+    rows = [("one cycle with 2 workers", f"{cycle['fast_2']:.0f} s ({cycle['fast_2'] / 60:.1f} min)",
+             f"<= {BENCH_TARGETS['cycle_2w_s'] / 60:.0f} min", cycle["fast_2"] <= BENCH_TARGETS["cycle_2w_s"]),
+            ("2 workers vs 1", f"{cycle['fast_1'] / cycle['fast_2']:.2f}x", f">= {BENCH_TARGETS['two_vs_one']}x",
+             cycle["fast_1"] / cycle["fast_2"] >= BENCH_TARGETS["two_vs_one"]),
+            ("fast engine (1 worker) vs prefix-cache", f"{cycle['prefix'] / cycle['fast_1']:.1f}x",
+             f">= {BENCH_TARGETS['fast_vs_prefix']}x", cycle["prefix"] / cycle["fast_1"] >= BENCH_TARGETS["fast_vs_prefix"]),
+            ("peak memory per worker, 2 workers", f"{memory:.1f} GB", f"< {BENCH_TARGETS['memory_gb']:.0f} GB",
+             memory < BENCH_TARGETS["memory_gb"])]
+    ceiling = report.get("parallel_ceiling")
+    lines = [f"Targets for `paper6` at batch 5000 (bench at commit {report['commit']}):", "",
+             "| | measured | target | met |", "|---|---:|---:|---|"]
+    lines += [f"| {name} | {value} | {target} | {'yes' if met else '**no**'} |" for name, value, target, met in rows]
+    lines.append("")
+    if ceiling:
+        lines += [f"On this machine {ceiling['workers']} processes running the same convolution reach "
+                  f"{ceiling['ratio']:.2f}x the throughput of one, so the {ceiling['workers']}-worker ratio above is "
+                  "limited by the code, not by the cores.", ""]
+    return lines
 
 
 def landscapes(results: Path, link_root: str) -> list[str]:

@@ -105,3 +105,34 @@ def test_work_done_counts_sample_equivalents():
 
 def test_format_seconds():
     assert (format_seconds(None), format_seconds(59.6), format_seconds(3725)) == ("?", "01:00", "1:02:05")
+
+
+def test_eta_replay_of_a_log_from_a_later_cycle(tmp_path, capsys):
+    """``eta_check --replay --from-cycle 2``: a resumed run's log replayed from its first whole cycle on (the
+    slow first cycle is left out); the replay reports one row per later sweep and fails beyond the tolerance."""
+    from experiments import eta_check
+    from rso.models import build_model
+    from rso.search.visit import visit_order
+
+    order = [target.name for target in visit_order(build_model("oneconv", torch.Generator().manual_seed(0)))]
+    seconds = {name: 1.0 + 3 * position for position, name in enumerate(order)}
+    lines, total = [], 0.0
+    for cycle in (1, 2, 3):
+        for name in order:
+            took = seconds[name] * (20 if cycle == 1 else 1)    # a first cycle on a crowded machine
+            total += took
+            lines.append(f"12:00:00 cycle {cycle}/3 {name:<12} sigma 0.1 accept 0.5 loss 0.5 ({took:.1f} s, {total:.0f} s total)")
+    log = tmp_path / "log.txt"
+    log.write_text("\n".join(lines) + "\n")
+    flags = ["--replay", str(log), "--model", "oneconv", "--batch-size", "1000", "--out", str(tmp_path)]
+    def worst(*extra) -> float:
+        capsys.readouterr()
+        eta_check.main([*flags, *extra])
+        return float(capsys.readouterr().out.rsplit("actual ", 1)[1].split("%")[0])
+
+    later = worst("--from-cycle", "2")
+    replayed = (tmp_path / "eta_replay_oneconv.csv").read_text().splitlines()
+    assert len(replayed) == 1 + 2 * len(order) - 1      # a header, then every sweep after the first
+    # from cycle 1 the slow first cycle is in the replay: the ETA made before it ended was far off
+    assert worst() > later + 50
+    assert eta_check.main([*flags, "--tolerance", "0"]) == 1
