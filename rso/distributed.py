@@ -294,6 +294,13 @@ def _worker(rank: int, size: int, port: int, report, target: Callable, args: tup
     # every worker exactly once (a second one would end a worker before it saved).
     os.setsid()
     _die_with(parent)
+    # tqdm's default lock is a multiprocessing semaphore, which os._exit below would leave for the launcher's
+    # resource tracker to report as leaked: a worker's bars need only a thread lock
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     try:
         status = target(*args) or 0
     except SystemExit as exit_:

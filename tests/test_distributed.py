@@ -85,6 +85,7 @@ def test_a_two_worker_run_resumes_with_one_worker_exactly(tmp_path, data_dir):
     run_here(data_dir, tmp_path, "straight", *flags, "--cycles", "2")
     first = run_workers(data_dir, tmp_path, "split", *flags, "--cycles", "1", "--workers", "2")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "leaked" not in first.stderr, first.stderr[-3000:]     # no semaphore left to the resource tracker
     assert main(["--resume", str(tmp_path / "split"), "--cycles", "2", "--workers", "1", "--no-progress"]) == 0
     straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
     for key in straight:
