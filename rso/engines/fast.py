@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rso.distributed import LOCAL, World
-from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, summed_cross_entropy
+from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, return_freed_memory, summed_cross_entropy
 from rso.engines.plan import ChannelOps, SweepPlan, group_channel_ops, plan_sweep, unsupported_reason
 from rso.search.visit import BATCHNORMS, SearchTarget
 
@@ -206,6 +206,7 @@ class FastEngine(ScoringEngine):
         self._buffers = {}
         self._block_buffer = None
         self._last = None
+        return_freed_memory()
 
     def use_numba(self) -> bool:
         if self.kernels == "torch" or self.device.type != "cpu":

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rso.distributed import LOCAL, World
-from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, summed_cross_entropy
+from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, return_freed_memory, summed_cross_entropy
 from rso.search.visit import SearchTarget
 
 
@@ -41,6 +41,7 @@ class PrefixCacheEngine(ScoringEngine):
 
     def end_sweep(self) -> None:
         self.cache = {}
+        return_freed_memory()
 
     @torch.no_grad()
     def _inputs(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
