@@ -76,7 +76,7 @@ def plot(finals: list[dict], record: dict, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("ablations", __doc__.splitlines()[0], default_seeds=1)
+    parser = common.parser("ablations", " ".join(__doc__.split("\n\n")[0].split()), default_seeds=1)
     parser.add_argument("--model", default="oneconv", help="model (default oneconv)")
     parser.add_argument("--batch", type=int, default=1000, help="RSO mini-batch (default 1000)")
     parser.add_argument("--cycles", type=int, default=3, help="RSO cycles (default 3)")

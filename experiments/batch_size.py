@@ -88,7 +88,7 @@ def plot(finals: list[dict], record: dict, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("batch_size", __doc__.splitlines()[0], default_seeds=1)
+    parser = common.parser("batch_size", " ".join(__doc__.split("\n\n")[0].split()), default_seeds=1)
     parser.add_argument("--batches", type=lambda text: [int(v) for v in text.split(",") if v],
                         default=[32, 64, 256, 512, 1024, 5000], help="oneconv batch sizes (default 32,64,256,512,1024,5000)")
     parser.add_argument("--cycles", type=int, default=1, help="RSO cycles per run (default 1; the course ran 10 rounds)")

@@ -80,7 +80,7 @@ def summarize(history: list[dict], finals: list[dict]) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("compare", __doc__.splitlines()[0], default_seeds=3)
+    parser = common.parser("compare", " ".join(__doc__.split("\n\n")[0].split()), default_seeds=3)
     parser.add_argument("--model", default="oneconv", help="model for all optimizers (default oneconv)")
     parser.add_argument("--depth", type=int, default=6, help="convnet depth")
     parser.add_argument("--channels", type=int, default=16, help="convnet channels")

@@ -77,7 +77,7 @@ def plot(finals: list[dict], record: dict, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("depth", __doc__.splitlines()[0], default_seeds=1)
+    parser = common.parser("depth", " ".join(__doc__.split("\n\n")[0].split()), default_seeds=1)
     parser.add_argument("--depths", type=lambda text: [int(v) for v in text.split(",") if v], default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--channels", type=int, default=16, help="channels per conv (default 16, the paper's)")
     parser.add_argument("--batch", type=int, default=1000, help="RSO mini-batch (default 1000)")

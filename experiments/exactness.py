@@ -94,7 +94,7 @@ def measure(model_name: str, data, batch_size: int, dtype: torch.dtype, seed: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.exactness", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.exactness", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="a small convnet on 512 images (seconds)")
     parser.add_argument("--model", default="oneconv", help="model (default oneconv, the default run's)")
     parser.add_argument("--batch", type=int, default=100, help="mini-batch (default 100)")

@@ -500,7 +500,7 @@ def summary_line(tallies: list[Tally]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.faults", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.faults", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--work", default="runs/faults", help="scratch folder for the runs (default runs/faults)")
     parser.add_argument("--out", default="results/faults", help="folder for summary.csv and summary.md")
     parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default $RSO_DATA_DIR, else ./data)")

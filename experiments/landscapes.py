@@ -68,7 +68,7 @@ SETUPS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.landscapes", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.landscapes", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="one function, three optimizers, 10 steps, 5 GIF frames (for the tests)")
     parser.add_argument("--out", default="results/landscapes")
     parser.add_argument("--tensorboard", default=None, metavar="RUN_DIR", help="also log the figures to TensorBoard")

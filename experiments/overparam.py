@@ -68,7 +68,7 @@ def fmt_x(x: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.overparam", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.overparam", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="tiny networks, few epochs (for the tests)")
     parser.add_argument("--out", default="results/overparam")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

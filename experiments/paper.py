@@ -176,7 +176,7 @@ def save_run(folder: Path, saved: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser("paper", __doc__.splitlines()[0], default_seeds=1)
+    parser = common.parser("paper", " ".join(__doc__.split("\n\n")[0].split()), default_seeds=1)
     parser.add_argument("--cycles", type=int, default=None, help="cycles (default 50, the paper's; sets the annealing)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much training (summed over resumes)")
     parser.add_argument("--eval-every", choices=["sweep", "cycle"], default="cycle",

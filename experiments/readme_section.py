@@ -211,7 +211,7 @@ def section(results: Path, link_root: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.readme_section", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.readme_section", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--results", default="results", help="the results folder (default results)")
     parser.add_argument("--output", default=None, help="file to write (default <results>/README_RESULTS.md; - for stdout only)")
     parser.add_argument("--link-root", default=None,

@@ -75,7 +75,7 @@ def record(run: Path, out: Path, data_dir: str | None = None, argv: list[str] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.record_run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.record_run", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("run", type=Path, help="the run folder (runs/<name>) or an experiment's output folder")
     parser.add_argument("out", type=Path, help="where to record it (results/<name>)")
     parser.add_argument("--data-dir", help="folder holding MNIST/raw (default $RSO_DATA_DIR, else ./data)")

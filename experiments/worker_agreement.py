@@ -68,7 +68,7 @@ def _worker(spec: dict, output: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m experiments.worker_agreement", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.worker_agreement", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="paper6")
     parser.add_argument("--engine", default="fast")
     parser.add_argument("--depth", type=int, default=6, help="convnet: conv layers (6)")
