@@ -4,6 +4,8 @@ PYTHON ?= python3
 RSO_DATA_DIR ?= $(abspath $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,./data))
 export RSO_DATA_DIR
 RUNS ?= runs
+# The paper's long runs score every chunk in one worker per core (the same decisions in float64; --workers)
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 # The CPU wheel of torch: installed only when no torch is importable, so CUDA machines keep theirs. On this
 # project's machines pip finds torch==2.13.0's CPU wheel on disk; elsewhere, PyPI's Linux wheel of torch pulls
 # CUDA, so give the CPU index: make install TORCH_CPU="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
@@ -31,7 +33,7 @@ record-mnist-rso: install ## copy runs/mnist-rso into results/mnist_rso with an 
 	$(PYTHON) -m experiments.record_run $(RUNS)/mnist-rso results/mnist_rso
 
 mnist-rso-paper: install ## the authors' configuration (--preset authors: paper6, batch 5000, 50 cycles, wd 1e-4, their BN handling); resumable
-	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso-paper --preset authors --resume-if-exists $(ARGS)
+	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-rso-paper --preset authors --resume-if-exists --workers $(WORKERS) $(ARGS)
 
 mnist-sgd: install ## the backprop baseline (SGD with momentum) on the same model
 	$(PYTHON) -m rso.train --run-dir $(RUNS) --name mnist-sgd --optimizer sgd --batch-size 100 --resume-if-exists $(ARGS)
@@ -60,7 +62,7 @@ ablations: install ## experiment: annealing, sampler, order, chunking, weight de
 	$(PYTHON) -m experiments.ablations $(ARGS)
 
 paper: install ## experiment: the authors' configuration, accuracy after every cycle (resumable) -> results/paper
-	$(PYTHON) -m experiments.paper $(ARGS)
+	$(PYTHON) -m experiments.paper --workers $(WORKERS) $(ARGS)
 
 exactness: install ## fast vs reference engine over one full cycle: differing decisions in float64/float32 -> results/exactness
 	$(PYTHON) -m experiments.exactness $(ARGS)
