@@ -56,7 +56,7 @@ def replay(args) -> int:
     if [name for _, name, _ in sweeps[:len(order)]] != order[:len(sweeps)]:
         raise SystemExit(f"error: the log's tensors do not follow {args.model}'s visit order {order}")
     costs = progress_module.sweep_costs(model, targets, torch.zeros(1, 1, 28, 28), args.batch_size,
-                                        args.train_examples)
+                                        args.train_examples, fused_head=args.workers == 1)
     now = [0.0]
     tracker = progress_module.SweepProgress(costs, order, cycles=sweeps[-1][0] + 1, timings={}, clock=lambda: now[0])
     # the ETA covers the run up to the end of the log: cut the model's schedule there
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/progress")
     parser.add_argument("--replay", help="a run's log.txt: replay its sweep times instead of training")
     parser.add_argument("--train-examples", type=int, default=60000, help="--replay: training examples of the run")
+    parser.add_argument("--workers", type=int, default=1, help="--replay: workers of the run (1: its output-layer "
+                        "sweep ran fused)")
     parser.add_argument("--from-cycle", type=int, default=1,
                         help="--replay: start at this cycle of the log (a run resumed inside an earlier one)")
     args = parser.parse_args(argv)

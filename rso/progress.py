@@ -99,7 +99,8 @@ SCORINGS = {"reference": "full", "prefix-cache": "prefix"}   # engine name -> ho
 
 
 def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Tensor, batch_size: int,
-                n_examples: int, scoring: str = "incremental", evaluation_samples: float = 0.0) -> dict[str, SweepCost]:
+                n_examples: int, scoring: str = "incremental", evaluation_samples: float = 0.0,
+                fused_head: bool | None = None) -> dict[str, SweepCost]:
     """Each target's :class:`SweepCost`. ``scoring``: ``full`` (every candidate a full forward pass, the
     reference engine), ``prefix`` (the layers below the searched one cached, the rest run in full: the
     prefix-cache engine) or ``incremental`` (cached, and one channel recomputed up to the next linear layer:
@@ -109,7 +110,8 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
     if layers is None or scoring == "full":
         return {target.name: SweepCost(0.0, N_CANDIDATES * batch_size, target.numel, evaluation_samples)
                 for target in targets}
-    fused_head = example.device.type == "cpu"   # the fast engine runs the output layer's sweep as one numba loop
+    if fused_head is None:   # the fast engine runs the output layer's sweep as one numba loop (one process, CPU)
+        fused_head = example.device.type == "cpu"
     from rso.engines.plan import plan_sweep
 
     costs, elements = [work for work, _ in layers], [count for _, count in layers]

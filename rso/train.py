@@ -415,7 +415,8 @@ class Trainer:
             self.world.check_same(sum(float(p.detach().double().sum()) for p in self.model.parameters()),
                                   "the starting weights")
         costs = sweep_costs(self.model, targets, self.data.train_images[:1], config.batch_size,
-                            len(self.data.train_labels), SCORINGS.get(engine.name, "incremental"))
+                            len(self.data.train_labels), SCORINGS.get(engine.name, "incremental"),
+                            fused_head=self.device.type == "cpu" and self.world.size == 1)
         evaluation_samples = min(config.bn_samples, len(self.data.train_labels)) + len(self.data.test_labels)
         for target in (targets if config.eval_every == "sweep" else targets[-1:]):
             costs[target.name].after = evaluation_samples
