@@ -5,7 +5,8 @@ of a run's ``log.txt`` through the same ETA model, at every sweep boundary.
     python -m experiments.eta_check                  # paper6, 1000 training examples, batch 200, one cycle
     python -m experiments.eta_check --cycles 2 --train-subset 2000 --batch-size 500
     python -m experiments.eta_check --replay runs/mnist-rso/log.txt --model oneconv --batch-size 1000
-    python -m experiments.eta_check --replay results/paper/run/log.txt --batch-size 5000 --from-cycle 2
+    python -m experiments.eta_check --replay results/paper/run/log.txt --batch-size 5000 --from-cycle 2 --workers 2
+    python -m experiments.eta_check --replay results/bench/bench.json --batch-size 5000 --cycles 3 --bench-config fast_2 --workers 2
 
 Writes ``eta.csv`` (one row per report: seconds since the start, cycle, tensor, visits into the sweep, ETA,
 actual remaining time) into ``--out`` and prints, per sweep, the ETA at its first report against the actual
@@ -32,6 +33,20 @@ from rso.train import train
 SWEEP_LINE = re.compile(r"^(?:\S+ )?cycle (\d+)/(\d+) (\S+) .*\(([\d.]+) s, [\d.]+ s total\)")
 
 
+def bench_sweeps(args) -> list[tuple[int, str, float]]:
+    """A bench report's per-tensor sweep times (``rso.bench``'s bench.json, configuration ``--bench-config``)
+    as ``--cycles`` identical cycles: the ETA on an idle machine whose every sweep takes what the bench measured."""
+    import json
+
+    report = json.loads(Path(args.replay).read_text())
+    case = next((case for case in report["results"]
+                 if case["model"] == args.model and case["batch_size"] == args.batch_size), None)
+    if case is None or args.bench_config not in case["configurations"]:
+        raise SystemExit(f"error: {args.replay} has no {args.model} batch {args.batch_size} {args.bench_config}")
+    rows = case["configurations"][args.bench_config]["rows"]
+    return [(cycle, name, rows[name]["sweep_s"]) for cycle in range(args.cycles) for name in case["tensors"]]
+
+
 def replay(args) -> int:
     """Feed the sweep times of a log into SweepProgress: at the start of every sweep after the first, the ETA
     (from the sweeps logged before it) against the time the logged sweeps after that point actually took.
@@ -41,8 +56,11 @@ def replay(args) -> int:
     from rso.models import build_model
     from rso.search.visit import visit_order
 
-    sweeps = [(int(m.group(1)) - 1, m.group(3), float(m.group(4)))
-              for m in map(SWEEP_LINE.match, Path(args.replay).read_text().splitlines()) if m]
+    if args.replay.endswith(".json"):
+        sweeps = bench_sweeps(args)
+    else:
+        sweeps = [(int(m.group(1)) - 1, m.group(3), float(m.group(4)))
+                  for m in map(SWEEP_LINE.match, Path(args.replay).read_text().splitlines()) if m]
     if args.from_cycle > 1:
         # a resumed run's log: replay its whole cycles from this one on, as if the run had started there (a
         # cycle's sweeps do the same work whatever its number; only sigma differs)
@@ -109,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/progress")
     parser.add_argument("--replay", help="a run's log.txt: replay its sweep times instead of training")
     parser.add_argument("--train-examples", type=int, default=60000, help="--replay: training examples of the run")
+    parser.add_argument("--bench-config", default="fast_1",
+                        help="--replay of a bench.json: its configuration (fast_1, fast_2, prefix), as --cycles cycles")
     parser.add_argument("--workers", type=int, default=1, help="--replay: workers of the run (1: its output-layer "
                         "sweep ran fused)")
     parser.add_argument("--from-cycle", type=int, default=1,

@@ -214,11 +214,16 @@ class SweepProgress:
             a, b = (s_w * s_vv - s_v * s_wv) / determinant, (s_v * s_ww - s_w * s_wv) / determinant
             if a >= 0 and b >= 0:
                 return a, b
-        # one unknown: all of it per sample-equivalent, or (when that fits better) all per visit
-        fits = [(s_w / s_ww, 0.0)] if s_ww > 0 else []
-        if s_vv > 0:
-            fits.append((0.0, s_v / s_vv))
-        return min(fits, key=lambda ab: sum((ab[0] * w + ab[1] * v - 1) ** 2 for w, v in rows))
+        # one unknown: all of it per sample-equivalent, or (when that fits clearly better) all per visit. One
+        # timed sweep fits either exactly, and rounding must not pick: then it is per sample-equivalent.
+        per_sample = (s_w / s_ww, 0.0) if s_ww > 0 else None
+        per_visit = (0.0, s_v / s_vv) if s_vv > 0 else None
+        if per_sample is None or per_visit is None:
+            return per_sample or per_visit
+
+        def residual(ab):
+            return sum((ab[0] * w + ab[1] * v - 1) ** 2 for w, v in rows)
+        return per_visit if residual(per_visit) < residual(per_sample) - 1e-9 * len(rows) else per_sample
 
     def predicted(self, name: str) -> float | None:
         if name in self.timings:
