@@ -173,18 +173,26 @@ def _wait_for(condition, timeout: float) -> bool:
     return condition()
 
 
+SIGNALED_FLAGS = [*NETS["bn"], "--engine", "fast", "--checkpoint-every", "1000"]
+
+
+def _two_workers_under_way(data_dir, folder: Path, name: str, marker: str) -> subprocess.Popen:
+    """A 2-worker run long enough to be stopped (40 cycles), once its first checkpoint is written."""
+    process = _start_workers(data_dir, folder, name, marker, *SIGNALED_FLAGS, "--cycles", "40", "--workers", "2")
+    checkpoint = folder / name / "checkpoint.pt"
+    assert _wait_for(lambda: checkpoint.is_file() or process.poll() is not None, TIMEOUT_S)
+    time.sleep(0.5)
+    return process
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(signum, tmp_path, data_dir):
     """``kill`` (or Ctrl-C) sent to the launcher of a 2-worker run: it passes the signal on, the workers stop
     together at the next visit, rank 0 checkpoints, the launcher exits 128 + signal with one line, no worker
     is left; the run resumes with 1 worker and ends with the weights of an uninterrupted run."""
-    flags = [*NETS["bn"], "--engine", "fast", "--checkpoint-every", "1000"]
     marker = f"signal-{signum}-{tmp_path.name}"
-    process = _start_workers(data_dir, tmp_path, "split", marker, *flags, "--cycles", "40", "--workers", "2")
-    checkpoint = tmp_path / "split" / "checkpoint.pt"
-    assert _wait_for(lambda: checkpoint.is_file() or process.poll() is not None, TIMEOUT_S)
-    time.sleep(0.5)
+    process = _two_workers_under_way(data_dir, tmp_path, "split", marker)
     before = load_checkpoint(tmp_path / "split")["progress"]["visits"]
     process.send_signal(signum)
     _, err = process.communicate(timeout=TIMEOUT_S)
@@ -201,7 +209,7 @@ def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(signum, t
     # the stopped run continues exactly: its weights after 2 more cycles are an uninterrupted run's
     cycles = state["progress"]["cycle"] + 2
     assert main(["--resume", str(tmp_path / "split"), "--cycles", str(cycles), "--workers", "1", "--no-progress"]) == 0
-    run_here(data_dir, tmp_path, "straight", *flags, "--cycles", str(cycles))
+    run_here(data_dir, tmp_path, "straight", *SIGNALED_FLAGS, "--cycles", str(cycles))
     straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
     for key in straight:
         assert torch.equal(straight[key], split[key]), key
@@ -211,12 +219,8 @@ def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(signum, t
 def test_workers_do_not_outlive_a_killed_launcher(tmp_path, data_dir):
     """SIGKILL to the launcher (it cannot pass anything on): the workers notice their parent died, stop at
     the next visit with a checkpoint and exit; the run folder resumes."""
-    flags = [*NETS["bn"], "--engine", "fast", "--checkpoint-every", "1000"]
     marker = f"killed-{tmp_path.name}"
-    process = _start_workers(data_dir, tmp_path, "orphaned", marker, *flags, "--cycles", "40", "--workers", "2")
-    checkpoint = tmp_path / "orphaned" / "checkpoint.pt"
-    assert _wait_for(lambda: checkpoint.is_file() or process.poll() is not None, TIMEOUT_S)
-    time.sleep(0.5)
+    process = _two_workers_under_way(data_dir, tmp_path, "orphaned", marker)
     process.kill()
     process.communicate(timeout=TIMEOUT_S)
     assert _wait_for(lambda: not _processes_with(marker), 60), "workers outlived a killed launcher"
