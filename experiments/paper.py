@@ -55,8 +55,24 @@ def paper_config(args) -> tuple[TrainConfig, dict]:
     return config, given
 
 
-def per_cycle_rows(history: list[dict], weights: int) -> list[dict]:
-    """The evaluation at the end of each cycle, and the latest one if a cycle is in progress."""
+def code_between(sessions: list[dict], low: int, high: int) -> str | None:
+    """The code of the sessions that trained visits ``low..high`` (each session from its ``at_step`` to the
+    next one's), ``unrecorded`` first when visits before the first recorded session count; ``None`` when the
+    checkpoint records no sessions."""
+    if not sessions:
+        return None
+    starts = [session.get("at_step", 0) for session in sessions]
+    codes = [UNRECORDED] if low < starts[0] else []
+    for position, session in enumerate(sessions):
+        end = starts[position + 1] if position + 1 < len(sessions) else float("inf")
+        if starts[position] < high and end > low:
+            codes.append(session.get("code", UNRECORDED))
+    return "+".join(dict.fromkeys(codes)) or UNRECORDED
+
+
+def per_cycle_rows(history: list[dict], weights: int, sessions: list[dict] | None = None) -> list[dict]:
+    """The evaluation at the end of each cycle, and the latest one if a cycle is in progress; ``code`` names
+    the code of every session that trained the visits since the row before (from the checkpoint's sessions)."""
     rows = []
     for entry in history:
         cycles = entry["step"] / weights
@@ -69,6 +85,10 @@ def per_cycle_rows(history: list[dict], weights: int) -> list[dict]:
     ends = [row for row in rows if row["complete_cycle"]]
     if rows and not rows[-1]["complete_cycle"]:
         ends.append(rows[-1])
+    low = 0
+    for row in ends:
+        row["code"] = code_between(sessions or [], low, row["weight_visits"]) or row["code"]
+        low = row["weight_visits"]
     return ends
 
 
@@ -117,7 +137,7 @@ def report(out: Path, config: TrainConfig, state: dict, record_args, argv, statu
     extra = evaluate_checkpoint(state, config)
     if extra is not None:
         history.append({**extra, "code": run_code(state.get("provenance") or [])})
-    rows = per_cycle_rows(history, weights)
+    rows = per_cycle_rows(history, weights, state.get("provenance") or [])
     common.write_csv(out / "per_cycle.csv", rows)
     common.write_csv(out / "history.csv", [{"weight_visits": e["step"], "cycles": round(e["step"] / weights, 4), **e}
                                            for e in history])

@@ -205,3 +205,13 @@ def test_readme_update_replaces_only_the_generated_region(tmp_path):
     assert "old text" not in text and "kept above" in text and "kept below" in text
     assert text.count(readme_section.BEGIN) == 1 and text.count(readme_section.END) == 1
     assert "Not recorded yet: run `make mnist-rso`" in text and "Not produced yet: run `make bench`" in text
+
+
+def test_each_paper_row_names_the_code_that_trained_its_cycle():
+    """A row's code: the sessions that trained the visits since the row before, not only the one that
+    evaluated it (a cycle begun at one commit and finished at another names both)."""
+    sessions = [{"code": "aaa", "at_step": 9504}, {"code": "bbb", "at_step": 9504}, {"code": "ccc", "at_step": 10000}]
+    assert paper.code_between(sessions, 0, 12016) == "unrecorded+aaa+bbb+ccc"   # visits 0..9504 predate them
+    assert paper.code_between(sessions, 12016, 24032) == "ccc"
+    assert paper.code_between([{"code": "x", "at_step": 0}, {"code": "y", "at_step": 30000}], 24032, 36048) == "x+y"
+    assert paper.code_between([], 0, 10) is None
