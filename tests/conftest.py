@@ -37,3 +37,20 @@ def mnist_small(data_dir):
     from rso.data import load_mnist
 
     return load_mnist(data_dir, train_subset=2000, test_subset=1000, download=False)
+
+
+def start_scratch_repo(folder: Path) -> None:
+    """A git repository in ``folder`` with one commit: ``results/table.md`` and ``code.py`` (provenance tests)."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (folder / "results").mkdir()
+    (folder / "results" / "table.md").write_text("old\n")
+    (folder / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "start")
+

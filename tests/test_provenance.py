@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 
 import pytest
+from conftest import start_scratch_repo
 import torch
 
 from experiments import common, record_run
@@ -120,17 +120,8 @@ def test_git_state_names_the_changed_files_outside_results(tmp_path):
     if shutil.which("git") is None:
         pytest.fail("git is needed to record provenance")
 
-    def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
-
     assert provenance.git_state(tmp_path)["commit"] == "unknown"
-    git("init", "-q")
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "table.md").write_text("old\n")
-    (tmp_path / "code.py").write_text("x = 1\n")
-    git("add", ".")
-    git("commit", "-qm", "start")
+    start_scratch_repo(tmp_path)
     state = provenance.git_state(tmp_path)
     assert len(state["commit"]) == 40 and state["commit"].startswith(state["short"]) and not state["dirty"]
     (tmp_path / "results" / "table.md").write_text("new\n")

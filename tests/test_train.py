@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import start_scratch_repo
 import torch
 
 import rso.train as train_module
@@ -317,7 +318,6 @@ def test_exit_status_turns_failures_into_one_line(capsys):
 def test_git_revision_ignores_the_results_folder(tmp_path):
     """An experiment rewrites results/ before recording its provenance: that alone is not 'uncommitted'."""
     import shutil
-    import subprocess
 
     from rso.runs import git_revision
 
@@ -325,16 +325,7 @@ def test_git_revision_ignores_the_results_folder(tmp_path):
         pytest.skip("git is not installed")
     assert git_revision(tmp_path) == "unknown"
 
-    def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
-
-    git("init", "-q")
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "table.md").write_text("old\n")
-    (tmp_path / "code.py").write_text("x = 1\n")
-    git("add", ".")
-    git("commit", "-qm", "start")
+    start_scratch_repo(tmp_path)
     clean = git_revision(tmp_path)
     assert clean != "unknown" and not clean.endswith("-dirty")
     (tmp_path / "results" / "table.md").write_text("new\n")
