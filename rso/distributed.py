@@ -270,7 +270,8 @@ def _free_port() -> int:
 
 def one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    name = "KeyboardInterrupt" if isinstance(error, KeyboardInterrupt) else type(error).__name__  # (its subclasses)
+    return f"{name}: {text[0]}" if text else name
 
 
 def _die_with(parent: int) -> None:

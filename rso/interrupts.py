@@ -16,6 +16,14 @@ from typing import Iterator
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class SignalInterrupt(KeyboardInterrupt):
+    """What a signal raises outside :meth:`Interrupts.defer`: a ``KeyboardInterrupt`` (every ``except
+    KeyboardInterrupt`` catches it), but not exactly one. Under ``python -m``, CPython remembers a plain
+    ``KeyboardInterrupt`` that passed through C code evaluating Python (``PyRun_String``: some extension
+    modules run their set-up that way) even when it was caught later, and then ends the process by SIGINT,
+    replacing the exit status 143 of a SIGTERM with -2. It checks the exact type, so a subclass is immune."""
+
+
 class StopRequested(Exception):
     """Raised by the training loop after it saved a checkpoint because a signal asked it to stop."""
 
@@ -40,7 +48,7 @@ class Interrupts:
         if self._deferring and self.requested is None:
             self.requested = signum
             return
-        raise KeyboardInterrupt
+        raise SignalInterrupt(f"interrupted ({signal.Signals(signum).name}); checkpoints already written are kept")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["Interrupts"]:

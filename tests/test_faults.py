@@ -243,6 +243,34 @@ def test_signals_mid_sweep_and_during_start_up(work, data_dir):
     assert_clean(faults.signals(work, data_dir, seed=3))
 
 
+PYRUN_PROBE = """
+import ctypes, sys
+from rso.interrupts import INTERRUPTS
+run = ctypes.pythonapi.PyRun_String      # C code evaluating Python, as some extension modules do at import
+run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+with INTERRUPTS.installed():
+    try:
+        run(b"import os, signal, time\\nos.kill(os.getpid(), signal.SIGTERM)\\ntime.sleep(5)", 257, {}, {})
+    except KeyboardInterrupt:
+        print("caught", flush=True)
+sys.exit(INTERRUPTS.exit_status)
+"""
+
+
+def test_a_signal_caught_inside_c_evaluated_code_still_exits_143(tmp_path):
+    """The CI failure of the start-up case: a SIGTERM that landed while an extension module ran Python via
+    PyRun_String exited by SIGINT (-2) instead of 143 under ``python -m``, because CPython remembers a plain
+    KeyboardInterrupt that passed through there. The handler raises a subclass, which it does not."""
+    import subprocess
+    import sys
+
+    (tmp_path / "pyrun_probe.py").write_text(PYRUN_PROBE)
+    done = subprocess.run([sys.executable, "-m", "pyrun_probe"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(faults.ROOT)}, timeout=120)
+    assert done.stdout.strip() == "caught", done.stderr
+    assert done.returncode == 143, (done.returncode, done.stderr)
+
+
 def test_a_second_process_on_a_locked_folder(work, data_dir):
     assert_clean(faults.lock(work, data_dir))
 
