@@ -4,6 +4,7 @@ of a run's ``log.txt`` through the same ETA model, at every sweep boundary.
 
     python -m experiments.eta_check                  # paper6, 1000 training examples, batch 200, one cycle
     python -m experiments.eta_check --cycles 2 --train-subset 2000 --batch-size 500
+    python -m experiments.eta_check --preset authors --train-subset 6000 --batch-size 500   # the paper's 12 chunks
     python -m experiments.eta_check --replay runs/mnist-rso/log.txt --model oneconv --batch-size 1000
     python -m experiments.eta_check --replay results/paper/run/log.txt --batch-size 5000 --from-cycle 2 --workers 2
     python -m experiments.eta_check --replay results/bench/bench.json --batch-size 5000 --cycles 3 --bench-config fast_2 --workers 2
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from rso import progress as progress_module
-from rso.config import TrainConfig
+from rso.config import PRESETS, TrainConfig
 from rso.train import train
 
 
@@ -74,7 +75,8 @@ def replay(args) -> int:
     if [name for _, name, _ in sweeps[:len(order)]] != order[:len(sweeps)]:
         raise SystemExit(f"error: the log's tensors do not follow {args.model}'s visit order {order}")
     costs = progress_module.sweep_costs(model, targets, torch.zeros(1, 1, 28, 28), args.batch_size,
-                                        args.train_examples, fused_head=args.workers == 1)
+                                        args.train_examples, fused_head=args.workers == 1,
+                                        fixed_below=args.search_bn == "fixed-below")
     now = [0.0]
     tracker = progress_module.SweepProgress(costs, order, cycles=sweeps[-1][0] + 1, timings={}, clock=lambda: now[0])
     # the ETA covers the run up to the end of the log: cut the model's schedule there
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.eta_check",
                                      description="Compare the RSO progress bar's ETA with the actual remaining time.")
     parser.add_argument("--model", default="paper6")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="train with a named configuration (e.g. authors: "
+                        "fixed-below BN, weight decay, centred inputs) at this check's size and batch")
     parser.add_argument("--train-subset", type=int, default=1000)
     parser.add_argument("--test-subset", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=200)
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="--replay of a bench.json: its configuration (fast_1, fast_2, prefix), as --cycles cycles")
     parser.add_argument("--workers", type=int, default=1, help="--replay: workers of the run (1: its output-layer "
                         "sweep ran fused)")
+    parser.add_argument("--search-bn", default="chunk", choices=["chunk", "fixed-below"],
+                        help="--replay: the run's BN handling during the search (the authors' preset: fixed-below)")
     parser.add_argument("--from-cycle", type=int, default=1,
                         help="--replay: start at this cycle of the log (a run resumed inside an earlier one)")
     args = parser.parse_args(argv)
@@ -156,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     progress_module.SweepProgress.eta, progress_module.SweepProgress.end_sweep = eta, end_sweep
     try:
         with tempfile.TemporaryDirectory(prefix="rso-eta-") as folder:
-            train(TrainConfig(model=args.model, train_subset=args.train_subset, test_subset=args.test_subset,
-                              batch_size=args.batch_size, cycles=args.cycles, threads=args.threads,
-                              bn_samples=args.train_subset, run_dir=folder, name="eta", progress=True))
+            preset = {**PRESETS[args.preset], "search_bn_images": min(PRESETS[args.preset].get(
+                "search_bn_images", 2000), args.train_subset)} if args.preset else {}
+            train(TrainConfig(**{**preset, "model": args.model, "train_subset": args.train_subset,
+                                 "test_subset": args.test_subset, "batch_size": args.batch_size, "cycles": args.cycles,
+                                 "threads": args.threads, "bn_samples": args.train_subset, "run_dir": folder,
+                                 "name": "eta", "progress": True}))
     finally:
         progress_module.SweepProgress.eta, progress_module.SweepProgress.end_sweep = original_eta, original_end
 
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows([{key: (round(value, 3) if isinstance(value, float) else value) for key, value in row.items()}
                           for row in reports])
-    print(f"\n{args.model}, {args.train_subset} training examples, batch {args.batch_size}, {args.cycles} cycle(s): "
+    print(f"\n{args.model}{f' (preset {args.preset})' if args.preset else ''}, {args.train_subset} training examples, batch {args.batch_size}, {args.cycles} cycle(s): "
           f"{end:.0f} s of sweeps")
     print(f"{'sweep':>5} {'tensor':<12} {'at s':>7} {'ETA s':>8} {'actual s':>9} {'error':>7}")
     firsts = {}

@@ -416,7 +416,8 @@ class Trainer:
                                   "the starting weights")
         costs = sweep_costs(self.model, targets, self.data.train_images[:1], config.batch_size,
                             len(self.data.train_labels), SCORINGS.get(engine.name, "incremental"),
-                            fused_head=self.device.type == "cpu" and self.world.size == 1)
+                            fused_head=self.device.type == "cpu" and self.world.size == 1,
+                            fixed_below=config.search_bn == "fixed-below")
         evaluation_samples = min(config.bn_samples, len(self.data.train_labels)) + len(self.data.test_labels)
         for target in (targets if config.eval_every == "sweep" else targets[-1:]):
             costs[target.name].after = evaluation_samples

@@ -38,6 +38,22 @@ def test_fast_engine_visits_cost_more_the_further_they_are_from_the_output():
     assert all(costs[name].per_visit < prefix[name].per_visit < 3 * 5000 * 1.02 for name in convs)
 
 
+def test_fixed_below_bn_makes_only_the_cache_fill_cheaper():
+    """--search-bn fixed-below (the authors' preset): the cache fill runs the layers below in inference mode."""
+    from rso.progress import FIXED_BELOW_SETUP
+
+    model = build_model("paper6", torch.Generator().manual_seed(0))
+    targets = visit_order(model)
+    chunk = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, fused_head=False)
+    fixed = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, fused_head=False,
+                        fixed_below=True)
+    assert 0 < FIXED_BELOW_SETUP < 1
+    for name in chunk:
+        assert fixed[name].setup == pytest.approx(FIXED_BELOW_SETUP * chunk[name].setup)
+        assert (fixed[name].per_visit, fixed[name].numel, fixed[name].looped) == \
+            (chunk[name].per_visit, chunk[name].numel, chunk[name].looped)
+
+
 def simulate(costs, order, cycles, seconds_per_sample, seconds_per_visit, timings=None, start=(0, 0)):
     """Run a SweepProgress on a fake clock where every sweep costs exactly what the model says; returns
     (eta, true remaining, cycle, index, visits) at every report."""
