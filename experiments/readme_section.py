@@ -147,6 +147,13 @@ def bench_targets(path: Path) -> list[str]:
         lines += [f"On this machine {ceiling['workers']} processes running the same convolution reach "
                   f"{ceiling['ratio']:.2f}x the throughput of one, so the {ceiling['workers']}-worker ratio above is "
                   "limited by the code, not by the cores.", ""]
+    floor = case.get("conv_floor")
+    if floor and floor["cycle_s"] > 0:
+        lines += [f"The convolutions alone (every candidate's, timed per shape on this machine; see `rso.bench`) "
+                  f"take at least {floor['cycle_s']:.0f} s a cycle on 1 worker and {floor['workers_cycle_s']:.0f} s on "
+                  f"{case['workers']}: the fast engine is {cycle['fast_1'] / floor['cycle_s']:.1f}x and "
+                  f"{cycle['fast_2'] / floor['workers_cycle_s']:.1f}x that floor. The rest is one-channel passes, BN and "
+                  "pooling over the suffix, cache fills and collectives.", ""]
     return lines
 
 

@@ -18,6 +18,9 @@ What is timed (every configuration runs in fresh processes, one torch and one nu
   chunks they use; projected as (fill time per chunk x chunks) + (visits x mean visit time).
 - reference: three full forward passes per visit whatever the tensor: ``--reference-visits`` visits on
   ``--reference-tensors`` tensors, their mean for every weight.
+- the convolution floor: the convolutions every candidate must run (the next layer's one changed input channel,
+  every conv after it in full), each timed at this machine's rate for its shape, summed over a cycle; with N
+  workers divided by the measured parallel ceiling. No engine can score a cycle exactly in less.
 - ``--full-cycle`` models (default oneconv): one whole cycle (every sweep, as the trainer runs it) with the fast
   engine, 1 and N workers, measured outright, beside the projection above.
 
@@ -302,6 +305,57 @@ def parallel_ceiling(workers: int, dtype: torch.dtype) -> dict:
             "ratio": rates[workers] / rates[1]}
 
 
+def conv_floor(name: str, batch_size: int, device: torch.device, dtype: torch.dtype, candidates: int = 3,
+               repeats: int = 3) -> dict:
+    """The least time a fast-engine cycle of ``name`` can take here, one worker: the convolutions that every
+    candidate of every visit must run, each timed now at this machine's rate for its own shape (one thread,
+    the faster of NCHW and channels-last), and nothing else (no BN, pooling, losses, Python or collectives).
+
+    A visit changes one channel of the searched layer's output, so the next conv or linear layer sees one
+    changed input channel (its work divided by its input channels) and every conv after it sees a change in
+    every channel: those run in full, for each of the ``candidates`` (3: candidate 0 is recomputed too, as
+    the fast engine does unless the chunk's current loss is still known, and always under weight decay).
+    Linear layers are left out (a dense head is a few hundred multiply-adds per example)."""
+    from rso.engines.plan import plan_sweep
+
+    model = build_model(name).to(device, dtype).eval()
+    layers = list(model)
+    inputs: dict[int, tuple[int, ...]] = {}
+    handles = [layer.register_forward_hook(lambda module, args, output, i=i: inputs.__setitem__(i, args[0].shape[1:]))
+               for i, layer in enumerate(layers) if isinstance(layer, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28, device=device, dtype=dtype))
+    for handle in handles:
+        handle.remove()
+    size = min(batch_size, 2000)     # examples per timed call: large enough for the per-example rate
+    per_example: dict[int, float] = {}
+    for i, shape in inputs.items():
+        conv = layers[i]
+        x = torch.randn(size, *shape, device=device, dtype=dtype)
+        best = float("inf")
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl, wl = x.contiguous(memory_format=layout), conv.weight.detach().contiguous(memory_format=layout)
+            with torch.no_grad():
+                for attempt in range(repeats + 1):
+                    sync(device)
+                    start = time.perf_counter()
+                    F.conv2d(xl, wl, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+                    sync(device)
+                    if attempt:      # the first call warms up
+                        best = min(best, time.perf_counter() - start)
+        per_example[i] = best / size
+    per_tensor = {}
+    for target in visit_order(model):
+        plan = plan_sweep(model, target)
+        seconds = 0.0
+        if plan.next_layer is not None and plan.next_index in per_example:
+            seconds += per_example[plan.next_index] / plan.next_layer.in_channels
+        seconds += sum(per_example.get(i, 0.0) for i in range(plan.next_index + 1, len(layers)))
+        per_tensor[target.name] = target.numel * candidates * batch_size * seconds
+    return {"candidates": candidates, "conv_s_per_example": {str(i): v for i, v in per_example.items()},
+            "per_tensor_s": per_tensor, "cycle_s": sum(per_tensor.values())}
+
+
 def bench_case(name: str, batch_size: int, args, device: torch.device) -> dict:
     base = {"model": name, "batch_size": batch_size, "device": str(device), "dtype": args.dtype, "seed": args.seed,
             "train_subset": args.train_subset, "threads": args.threads, "extra_visits": args.extra_visits,
@@ -332,6 +386,9 @@ def bench_case(name: str, batch_size: int, args, device: torch.device) -> dict:
             "tensors": [target.name for target in targets], "numel": {t.name: t.numel for t in targets},
             "configurations": results, "cycle_s": cycle, "reference_per_visit_s": reference_per_visit,
             "peak_memory_gb": {key: result["peak_memory_gb"] for key, result in results.items()}}
+    floor = conv_floor(name, batch_size, device, getattr(torch, args.dtype))
+    floor["workers_cycle_s"] = floor["cycle_s"] / (args.ceiling_ratio or n)
+    case["conv_floor"] = floor
     for key in ("cycle_1", f"cycle_{n}"):
         if key in cycle:
             projected = cycle["fast_" + key.split("_")[1]]
@@ -359,6 +416,13 @@ def table(case: dict) -> str:
         workers = key.split("_")[1]
         lines.append(f"  full cycle measured outright, fast {workers} worker(s): {cycle[key]:.1f} s; the projection "
                      f"{cycle['fast_' + workers]:.1f} s is {100 * error:+.0f}% from it")
+    floor = case.get("conv_floor")
+    if floor:
+        ratios = (f"; the fast engine takes {cycle['fast_1'] / floor['cycle_s']:.1f}x and "
+                  f"{cycle[f'fast_{n}'] / floor['workers_cycle_s']:.1f}x that" if floor["cycle_s"] > 0 else
+                  " (no conv follows the next layer of any searched tensor)")
+        lines.append(f"  convolution floor (every candidate's convs at this machine's measured rates, nothing else): "
+                     f"{floor['cycle_s']:.1f} s a cycle on 1 worker, {floor['workers_cycle_s']:.1f} s on {n}{ratios}")
     memory = ", ".join(f"{key} " + "/".join(f"{value:.2f}" for value in values)
                        for key, values in case["peak_memory_gb"].items())
     lines.append(f"  peak memory per worker (GB): {memory}")
@@ -438,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()
     rates = peak_rates(device, dtype)
     ceiling = parallel_ceiling(args.workers, dtype) if device.type == "cpu" and args.workers > 1 else None
+    args.ceiling_ratio = ceiling["ratio"] if ceiling else None
     scaling = (f"; {args.workers} processes of that conv at once reach {ceiling['ratio']:.2f}x one process's "
                f"throughput (the ceiling for {args.workers} workers here)" if ceiling else "")
     print(f"machine: matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s{scaling}; "
