@@ -209,3 +209,22 @@ def test_one_thread_by_default(tmp_path, mnist_small):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("padding, kernel", [((1, 1), 3), ((0, 0), 3), ((2, 1), 3), ((1, 1), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_step_added_without_padding_equals_the_padded_basis(padding, kernel, dtype):
+    """_plus_step (a shifted rectangle of the input channel added to a copy) against the plain
+    ``pre + step * basis``, for every element of the kernel: the same values, bit for bit."""
+    generator = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(3, 2, kernel, padding=padding, bias=False)
+    engine = _FastEngine()
+    engine.layer, engine._per_channel = conv, 3 * kernel * kernel
+    engine.target = type("Target", (), {"kind": "weight"})()
+    inputs = torch.randn(5, 3, 6, 7, generator=generator, dtype=dtype)
+    out_h, out_w = 6 + 2 * padding[0] - kernel + 1, 7 + 2 * padding[1] - kernel + 1
+    pre = torch.randn(5, 1, out_h, out_w, generator=generator, dtype=dtype)
+    for index in range(2 * engine._per_channel):
+        step = torch.randn((), generator=generator, dtype=dtype)
+        plain = pre + step * engine._basis(inputs, index)
+        assert torch.equal(engine._plus_step(pre, inputs, index, step), plain), index
