@@ -76,7 +76,7 @@ def replay(args) -> int:
         raise SystemExit(f"error: the log's tensors do not follow {args.model}'s visit order {order}")
     costs = progress_module.sweep_costs(model, targets, torch.zeros(1, 1, 28, 28), args.batch_size,
                                         args.train_examples, fused_head=args.workers == 1,
-                                        fixed_below=args.search_bn == "fixed-below")
+                                        fill=progress_module.fill_scale(args.search_bn, args.workers))
     now = [0.0]
     tracker = progress_module.SweepProgress(costs, order, cycles=sweeps[-1][0] + 1, timings={}, clock=lambda: now[0])
     # the ETA covers the run up to the end of the log: cut the model's schedule there

@@ -41,13 +41,21 @@ ELEMENT_COST = 4.0
 # largest error after the first sweep falls from 25% and 62% to 18% and 20%
 # (``python -m experiments.eta_check --replay``; the paper run's own log is the independent check).
 VISIT_WORK_SCALE = 0.7
-# With ``--search-bn fixed-below`` (the authors' BN handling) a sweep's cache fill runs the layers below in
-# inference mode (no per-chunk BN statistics, no collectives for them) and, where no chunk-statistics BN is
-# below the next linear layer, in a few large batches: it costs this fraction of the chunk-statistics fill.
-# Measured on the sweeps that are mostly cache fill (the output layer's and the BN layers', setup 78-97% of the
-# modelled work): 5.4-6.7 s in cycles 4-5 of the paper run (results/paper/run/log.txt, 2 workers) against
-# 9.7-11.6 s in the bench's fast_2 rows (results/bench/bench.json, chunk statistics), a ratio of 0.55-0.64.
+# With ``--search-bn fixed-below`` (the authors' BN handling) and several workers, a sweep's cache fill runs the
+# layers below in inference mode, without the per-chunk BN collectives a chunk-statistics fill needs at every BN
+# layer: it costs this fraction of the chunk-statistics fill. Measured on the sweeps that are mostly cache fill
+# (the output layer's and the BN layers', setup 78-97% of the modelled work), 2 workers, batch 5000: 5.4-6.7 s in
+# cycles 4-5 of the paper run (results/paper/run/log.txt) against 9.7-11.6 s in the bench's fast_2 rows
+# (results/bench/bench.json at 759485e), a ratio of 0.55-0.64. In one process there are no collectives and the
+# two fills cost the same: the same sweeps of a 1-process run at batch 500 took 1.03-1.19x the chunk-statistics
+# run's (``python -m experiments.eta_check --train-subset 6000 --batch-size 500``, with and without
+# ``--preset authors``).
 FIXED_BELOW_SETUP = 0.6
+
+
+def fill_scale(search_bn: str, workers: int) -> float:
+    """A sweep's cache fill relative to the chunk-statistics fill the cost model was fitted to."""
+    return FIXED_BELOW_SETUP if search_bn == "fixed-below" and workers > 1 else 1.0
 
 
 def layer_costs(model: nn.Module, example: torch.Tensor) -> list[tuple[float, int]] | None:
@@ -107,13 +115,12 @@ SCORINGS = {"reference": "full", "prefix-cache": "prefix"}   # engine name -> ho
 
 def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Tensor, batch_size: int,
                 n_examples: int, scoring: str = "incremental", evaluation_samples: float = 0.0,
-                fused_head: bool | None = None, fixed_below: bool = False) -> dict[str, SweepCost]:
+                fused_head: bool | None = None, fill: float = 1.0) -> dict[str, SweepCost]:
     """Each target's :class:`SweepCost`. ``scoring``: ``full`` (every candidate a full forward pass, the
     reference engine), ``prefix`` (the layers below the searched one cached, the rest run in full: the
     prefix-cache engine) or ``incremental`` (cached, and one channel recomputed up to the next linear layer:
     the fast engine). ``evaluation_samples``: examples an evaluation after the sweep passes through the network.
-    ``fixed_below``: BN below the searched layer normalizes with fixed statistics (``--search-bn fixed-below``),
-    which makes the fast engine's cache fill cheaper (``FIXED_BELOW_SETUP``)."""
+    ``fill``: the fast engine's cache fill relative to a chunk-statistics one (:func:`fill_scale`)."""
     layers = layer_costs(model, example)
     used = (n_examples // batch_size) * batch_size
     if layers is None or scoring == "full":
@@ -146,7 +153,7 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
         # once per sweep: the caches (a forward pass of the used examples) and the evaluation after the sweep
         if not (plan.head_only and fused_head):
             candidate += CANDIDATE_OVERHEAD * full
-        setup = used * (FIXED_BELOW_SETUP if fixed_below else 1.0)
+        setup = used * fill
         result[target.name] = SweepCost(setup, VISIT_WORK_SCALE * N_CANDIDATES * batch_size * candidate / full,
                                         target.numel, evaluation_samples, looped=not (plan.head_only and fused_head))
     return result

@@ -38,7 +38,7 @@ from rso.engines import ENGINES, make_engine
 from rso.evaluate import evaluate, recalibrate_batchnorm
 from rso.interrupts import INTERRUPTS, StopRequested
 from rso.models import build_model, count_weights
-from rso.progress import SCORINGS, SweepProgress, format_seconds, sweep_costs
+from rso.progress import SCORINGS, SweepProgress, fill_scale, format_seconds, sweep_costs
 from rso.provenance import UNRECORDED
 from rso.resources import ResourceError, check_model_fits
 from rso.runs import RunLogger, unique_run_dir
@@ -417,7 +417,7 @@ class Trainer:
         costs = sweep_costs(self.model, targets, self.data.train_images[:1], config.batch_size,
                             len(self.data.train_labels), SCORINGS.get(engine.name, "incremental"),
                             fused_head=self.device.type == "cpu" and self.world.size == 1,
-                            fixed_below=config.search_bn == "fixed-below")
+                            fill=fill_scale(config.search_bn, self.world.size))
         evaluation_samples = min(config.bn_samples, len(self.data.train_labels)) + len(self.data.test_labels)
         for target in (targets if config.eval_every == "sweep" else targets[-1:]):
             costs[target.name].after = evaluation_samples

@@ -38,15 +38,18 @@ def test_fast_engine_visits_cost_more_the_further_they_are_from_the_output():
     assert all(costs[name].per_visit < prefix[name].per_visit < 3 * 5000 * 1.02 for name in convs)
 
 
-def test_fixed_below_bn_makes_only_the_cache_fill_cheaper():
-    """--search-bn fixed-below (the authors' preset): the cache fill runs the layers below in inference mode."""
-    from rso.progress import FIXED_BELOW_SETUP
+def test_fixed_below_bn_makes_only_the_cache_fill_cheaper_and_only_with_workers():
+    """--search-bn fixed-below (the authors' preset): with workers the cache fill needs no BN collectives."""
+    from rso.progress import FIXED_BELOW_SETUP, fill_scale
+
+    assert fill_scale("fixed-below", 2) == FIXED_BELOW_SETUP
+    assert fill_scale("fixed-below", 1) == fill_scale("chunk", 2) == fill_scale("chunk", 1) == 1.0
 
     model = build_model("paper6", torch.Generator().manual_seed(0))
     targets = visit_order(model)
     chunk = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, fused_head=False)
     fixed = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, fused_head=False,
-                        fixed_below=True)
+                        fill=FIXED_BELOW_SETUP)
     assert 0 < FIXED_BELOW_SETUP < 1
     for name in chunk:
         assert fixed[name].setup == pytest.approx(FIXED_BELOW_SETUP * chunk[name].setup)
