@@ -76,7 +76,8 @@ def replay(args) -> int:
         raise SystemExit(f"error: the log's tensors do not follow {args.model}'s visit order {order}")
     costs = progress_module.sweep_costs(model, targets, torch.zeros(1, 1, 28, 28), args.batch_size,
                                         args.train_examples, fused_head=args.workers == 1,
-                                        fill=progress_module.fill_scale(args.search_bn, args.workers))
+                                        fill=progress_module.fill_scale(args.search_bn, args.workers),
+                                        statistics_samples=args.search_bn_images if args.search_bn == "fixed-below" else 0)
     now = [0.0]
     tracker = progress_module.SweepProgress(costs, order, cycles=sweeps[-1][0] + 1, timings={}, clock=lambda: now[0])
     # the ETA covers the run up to the end of the log: cut the model's schedule there
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                         "sweep ran fused)")
     parser.add_argument("--search-bn", default="chunk", choices=["chunk", "fixed-below"],
                         help="--replay: the run's BN handling during the search (the authors' preset: fixed-below)")
+    parser.add_argument("--search-bn-images", type=int, default=2000,
+                        help="--replay, fixed-below: images the fixed statistics come from (2000)")
     parser.add_argument("--from-cycle", type=int, default=1,
                         help="--replay: start at this cycle of the log (a run resumed inside an earlier one)")
     args = parser.parse_args(argv)

@@ -115,12 +115,15 @@ SCORINGS = {"reference": "full", "prefix-cache": "prefix"}   # engine name -> ho
 
 def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Tensor, batch_size: int,
                 n_examples: int, scoring: str = "incremental", evaluation_samples: float = 0.0,
-                fused_head: bool | None = None, fill: float = 1.0) -> dict[str, SweepCost]:
+                fused_head: bool | None = None, fill: float = 1.0, statistics_samples: int = 0) -> dict[str, SweepCost]:
     """Each target's :class:`SweepCost`. ``scoring``: ``full`` (every candidate a full forward pass, the
     reference engine), ``prefix`` (the layers below the searched one cached, the rest run in full: the
     prefix-cache engine) or ``incremental`` (cached, and one channel recomputed up to the next linear layer:
     the fast engine). ``evaluation_samples``: examples an evaluation after the sweep passes through the network.
-    ``fill``: the fast engine's cache fill relative to a chunk-statistics one (:func:`fill_scale`)."""
+    ``fill``: the fast engine's cache fill relative to a chunk-statistics one (:func:`fill_scale`).
+    ``statistics_samples``: examples passed through the layers below the searched one before each sweep to fix
+    their BN statistics (``--search-bn fixed-below``: ``--search-bn-images``, 2000; a third of a 6000-example
+    run's fill, 3% of a full one's)."""
     layers = layer_costs(model, example)
     used = (n_examples // batch_size) * batch_size
     if layers is None or scoring == "full":
@@ -153,7 +156,7 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
         # once per sweep: the caches (a forward pass of the used examples) and the evaluation after the sweep
         if not (plan.head_only and fused_head):
             candidate += CANDIDATE_OVERHEAD * full
-        setup = used * fill
+        setup = used * fill + statistics_samples * sum(costs[:plan.searched]) / full
         result[target.name] = SweepCost(setup, VISIT_WORK_SCALE * N_CANDIDATES * batch_size * candidate / full,
                                         target.numel, evaluation_samples, looped=not (plan.head_only and fused_head))
     return result

@@ -417,7 +417,8 @@ class Trainer:
         costs = sweep_costs(self.model, targets, self.data.train_images[:1], config.batch_size,
                             len(self.data.train_labels), SCORINGS.get(engine.name, "incremental"),
                             fused_head=self.device.type == "cpu" and self.world.size == 1,
-                            fill=fill_scale(config.search_bn, self.world.size))
+                            fill=fill_scale(config.search_bn, self.world.size),
+                            statistics_samples=len(fixed_bn_images) if fixed_bn_images is not None else 0)
         evaluation_samples = min(config.bn_samples, len(self.data.train_labels)) + len(self.data.test_labels)
         for target in (targets if config.eval_every == "sweep" else targets[-1:]):
             costs[target.name].after = evaluation_samples

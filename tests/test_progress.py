@@ -55,6 +55,11 @@ def test_fixed_below_bn_makes_only_the_cache_fill_cheaper_and_only_with_workers(
         assert fixed[name].setup == pytest.approx(FIXED_BELOW_SETUP * chunk[name].setup)
         assert (fixed[name].per_visit, fixed[name].numel, fixed[name].looped) == \
             (chunk[name].per_visit, chunk[name].numel, chunk[name].looped)
+    # the pass that fixes the statistics runs the layers below the searched one: nothing for the first conv
+    counted = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000, fused_head=False,
+                          statistics_samples=2000)
+    extra = {name: counted[name].setup - chunk[name].setup for name in chunk}
+    assert extra["0.weight"] == 0 and 0 < extra["3.weight"] < extra["7.weight"] < extra["21.weight"] <= 2000
 
 
 def simulate(costs, order, cycles, seconds_per_sample, seconds_per_visit, timings=None, start=(0, 0)):
