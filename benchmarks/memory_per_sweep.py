@@ -1,7 +1,8 @@
 """Resident memory per layer sweep of the fast engine: paper6 at batch 5000 on all 60,000 examples, one process.
 
-For every tensor in visiting order the engine fills the caches of every chunk (one visit each), then ends the
-sweep; the line gives the peak resident memory of that sweep (VmHWM, reset per tensor through
+For every tensor in visiting order the engine fills the caches of every chunk (one visit each; a chunk that the
+sweep's visits ``j`` (chunk ``j mod n_chunks``) do not come back to is released after it, as the loop does), then
+ends the sweep; the line gives the peak resident memory of that sweep (VmHWM, reset per tensor through
 /proc/self/clear_refs) and what stays resident after it. ``--keep-freed`` skips the engine's return of freed
 memory to the system (malloc_trim), to compare. Linux only.
 
@@ -64,6 +65,8 @@ def main() -> None:
             index = chunk % target.numel
             values = candidate_values(flat[index].item(), 0.01, 1e-4).to(flat.dtype).to(torch.float64)
             engine.score(index, values, chunk)
+            if chunk + partition.n_chunks >= target.numel:   # as the loop: a chunk the sweep will not visit again
+                engine.release(chunk)
         peak = status_gb("VmHWM:")
         engine.end_sweep()
         print(f"{target.name:>10}: peak {peak:.2f} GB, resident after the sweep {status_gb('VmRSS:'):.2f} GB "

@@ -63,8 +63,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()   # note: timing needs the queued kernels finished
 
 
-def visit(engine, target, index: int, step: float, chunk: int, weight_decay: float = 0.0) -> None:
-    """One weight visit, as rso.search.loop.visit_each_weight does it."""
+def visit(engine, target, index: int, step: float, chunk: int, weight_decay: float = 0.0,
+          last: bool = False) -> None:
+    """One weight visit, as rso.search.loop.visit_each_weight does it (``last``: the sweep's last visit to
+    ``chunk``, after which the loop lets the engine drop the chunk's caches)."""
     flat = target.parameter.data.view(-1)
     current = flat[index].item()
     values = candidate_values(current, step, weight_decay).to(target.parameter.dtype).to(torch.float64)
@@ -73,6 +75,8 @@ def visit(engine, target, index: int, step: float, chunk: int, weight_decay: flo
     if chosen != current:
         flat[index] = chosen
         engine.commit(index, chosen, chunk)
+    if last:
+        engine.release(chunk)
 
 
 def per_channel(model, target) -> int:
@@ -126,10 +130,12 @@ def sweep_sample(engine, model, target, images, labels, batch_size, seed, device
         setup = time.perf_counter() - start
         count = target.numel if count is None else min(count, target.numel)
         steps_list, chunks_list = steps.tolist(), chunks.tolist()
+        last_visit = {chunk: index for index, chunk in enumerate(chunks_list)}
         times = []
         for index in range(count):
             began = time.perf_counter()
-            visit(engine, target, index, steps_list[index], chunks_list[index])
+            visit(engine, target, index, steps_list[index], chunks_list[index],
+                  last=last_visit[chunks_list[index]] == index)
             sync(device)
             times.append(time.perf_counter() - began)
         sweep = setup + project(times, target.numel, channel_size, partition.n_chunks)

@@ -228,3 +228,35 @@ def test_a_step_added_without_padding_equals_the_padded_basis(padding, kernel, d
         step = torch.randn((), generator=generator, dtype=dtype)
         plain = pre + step * engine._basis(inputs, index)
         assert torch.equal(engine._plus_step(pre, inputs, index, step), plain), index
+
+
+@pytest.mark.parametrize("engine_name", ["fast", "prefix-cache"])
+def test_a_chunk_is_released_after_its_last_visit_of_the_sweep(engine_name, monkeypatch):
+    """A BN sweep of 4 visits over 3 chunks (chunk j mod 3): chunks 1 and 2 are dropped right after their only
+    visit, chunk 0 after its second. Still the reference's decisions and weights."""
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(60, 1, 8, 8, generator=generator, dtype=torch.float64), torch.arange(60) % 10
+    results = {}
+    for name in ("reference", engine_name):
+        model = conv_net()
+        target = next(t for t in visit_order(model) if t.name == "4.bias")   # the second BN: 4 channels
+        engine = make_engine(name, model)
+        released, real = [], type(engine).release
+        if name != "reference":
+            def cached(engine=engine):
+                return engine.chunks if name == "fast" else engine.cache
+
+            def release(self, chunk, real=real, released=released, cached=cached):
+                assert chunk in cached(), "released a chunk that has no cache"
+                released.append(chunk)
+                real(self, chunk)
+                assert chunk not in cached()
+
+            monkeypatch.setattr(type(engine), "release", release)
+        stats = run_sweep(model, target, images, labels, engine, sigma=target.sigma * 3, batch_size=20,
+                          sampler=gaussian_steps, generator=torch.Generator().manual_seed(1))
+        monkeypatch.undo()
+        results[name] = (stats.accepted, model[4].bias.detach().clone(), released)
+    assert results[engine_name][0] == results["reference"][0]
+    assert torch.equal(results[engine_name][1], results["reference"][1])
+    assert results[engine_name][2] == [1, 2, 0]

@@ -156,5 +156,9 @@ class ScoringEngine(ABC):
     def commit(self, index: int, value: float, chunk: int) -> None:
         """The loop wrote ``value`` into flat element ``index``; engines with caches update them here."""
 
+    def release(self, chunk: int) -> None:
+        """The loop will not score ``chunk`` again this sweep: engines may drop its caches (a BN sweep of 16
+        visits over 12 chunks uses most chunks once, and holding them all would double a sweep's memory)."""
+
     def end_sweep(self) -> None:
         """Release per-sweep caches."""

@@ -201,6 +201,11 @@ class FastEngine(ScoringEngine):
         pad_h, pad_w = self.layer.padding
         return inputs[:, source:source + 1], (row - pad_h, column - pad_w)
 
+    def release(self, chunk: int) -> None:
+        self.chunks.pop(chunk, None)
+        if self._last is not None and self._last[0] == chunk:
+            self._last = None
+
     def end_sweep(self) -> None:
         self.chunks = {}
         self._buffers = {}

@@ -39,6 +39,9 @@ class PrefixCacheEngine(ScoringEngine):
         self.prefix, self.rest = layers[:self.searched], layers[self.searched:]
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def release(self, chunk: int) -> None:
+        self.cache.pop(chunk, None)
+
     def end_sweep(self) -> None:
         self.cache = {}
         return_freed_memory()

@@ -158,6 +158,7 @@ def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch
     dtype = target.parameter.dtype
     recorder = VisitRecorder(stats, progress, engine.partition.batch_size, target.numel, report_every)
     steps_list, chunks_list = steps.tolist(), chunks.tolist()
+    last_visit = {chunk: index for index, chunk in enumerate(chunks_list) if index >= start_visit}
     for index in range(start_visit, target.numel):
         chunk = chunks_list[index]
         current = flat[index].item()
@@ -173,5 +174,7 @@ def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch
             flat[index] = chosen
             engine.commit(index, chosen, chunk)
         recorder.record(index, choice, losses[choice].item())
+        if last_visit[chunk] == index:
+            engine.release(chunk)       # the sweep does not come back to this chunk
         if checkpoint is not None:
             checkpoint(index + 1, stats)
