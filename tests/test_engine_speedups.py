@@ -219,7 +219,7 @@ def test_a_step_added_without_padding_equals_the_padded_basis(padding, kernel, d
     generator = torch.Generator().manual_seed(1)
     conv = nn.Conv2d(3, 2, kernel, padding=padding, bias=False)
     engine = _FastEngine()
-    engine.layer, engine._per_channel = conv, 3 * kernel * kernel
+    engine.layer, engine._per_channel, engine._shifted_basis = conv, 3 * kernel * kernel, True   # as begin_sweep
     engine.target = type("Target", (), {"kind": "weight"})()
     inputs = torch.randn(5, 3, 6, 7, generator=generator, dtype=dtype)
     out_h, out_w = 6 + 2 * padding[0] - kernel + 1, 7 + 2 * padding[1] - kernel + 1

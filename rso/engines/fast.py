@@ -149,6 +149,11 @@ class FastEngine(ScoringEngine):
             keep_freed_memory()
         # on CPU, numba kernels do the next conv's one-channel change and the suffix's BN/ReLU/pooling runs
         self._numba_path = self.use_numba() and self.suffix_precision is None
+        layer = self.layer
+        # a weight's basis is a shifted copy of one input channel (stride 1, no dilation, numeric padding)
+        self._shifted_basis = (target.kind == "weight" and isinstance(layer, nn.Conv2d)
+                               and tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
+                               and isinstance(layer.padding, tuple))
         spatial_suffix = isinstance(self.plan.next_layer, nn.Conv2d)
         self._suffix = group_channel_ops(self.plan.suffix) if self._numba_path and spatial_suffix else list(self.plan.suffix)
         self._fused_pool = self._moments_with_next_conv()
@@ -184,8 +189,7 @@ class FastEngine(ScoringEngine):
         layer, kind = self.layer, self.target.kind
         if not (self._numba_path and isinstance(layer, nn.Conv2d) and kind in ("weight", "bias")):
             return None
-        if kind == "weight" and not (tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
-                                     and isinstance(layer.padding, tuple)):
+        if kind == "weight" and not self._shifted_basis:
             return None
         from rso.engines import fused
         return fused.channel_block(self.plan.block)
@@ -301,21 +305,16 @@ class FastEngine(ScoringEngine):
         sign). Where the basis is a shifted copy of one input channel, only the rectangle the shift covers is
         added to a copy of ``pre``: no padded copy of the channel and no full-size product (an accepted step
         reaches every chunk's cache this way, so this runs about 8 times a conv1 visit)."""
-        layer = self.layer
-        if self.target.kind != "weight" or not isinstance(layer, nn.Conv2d) or layer.stride != (1, 1) \
-                or layer.dilation != (1, 1) or not isinstance(layer.padding, tuple):
+        if not self._shifted_basis:
             return pre + step * self._basis(inputs, index)
-        _, _, height, width = layer.weight.shape
-        source, offset = divmod(index % self._per_channel, height * width)
-        row, column = divmod(offset, width)
-        (pad_h, pad_w), (in_h, in_w), (out_h, out_w) = layer.padding, inputs.shape[2:], pre.shape[2:]
-        # basis[y, x] = inputs[y + row - pad_h, x + column - pad_w] inside the input, else 0
-        y0, y1 = max(0, pad_h - row), min(out_h, in_h + pad_h - row)
-        x0, x1 = max(0, pad_w - column), min(out_w, in_w + pad_w - column)
+        channel, (dy, dx) = self._basis_source(inputs, index)
+        (in_h, in_w), (out_h, out_w) = inputs.shape[2:], pre.shape[2:]
+        # basis[y, x] = channel[y + dy, x + dx] inside the input, else 0
+        y0, y1 = max(0, -dy), min(out_h, in_h - dy)
+        x0, x1 = max(0, -dx), min(out_w, in_w - dx)
         out = pre.clone()
         if y0 < y1 and x0 < x1:
-            out[:, :, y0:y1, x0:x1] += step * inputs[:, source:source + 1, y0 + row - pad_h:y1 + row - pad_h,
-                                                      x0 + column - pad_w:x1 + column - pad_w]
+            out[:, :, y0:y1, x0:x1] += step * channel[:, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
         return out
 
     def _basis(self, inputs: torch.Tensor, index: int) -> torch.Tensor | float:
@@ -328,7 +327,7 @@ class FastEngine(ScoringEngine):
             return inputs[:, rest:rest + 1]
         _, _, height, width = layer.weight.shape
         source, offset = divmod(rest, height * width)
-        if layer.stride == (1, 1) and layer.dilation == (1, 1) and isinstance(layer.padding, tuple):
+        if self._shifted_basis:
             # a shifted copy of the input channel: exact, and far cheaper than a 1x1-channel convolution
             row, column = divmod(offset, width)
             (pad_h, pad_w), (in_h, in_w) = layer.padding, inputs.shape[2:]
