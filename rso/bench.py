@@ -51,7 +51,7 @@ from rso.data import load_mnist
 from rso.engines import FastEngine, PrefixCacheEngine, ReferenceEngine
 from rso.models import build_model
 from rso.search.candidates import candidate_values, gaussian_steps, select_candidate
-from rso.search.loop import SweepStats, draw_sweep, run_sweep
+from rso.search.loop import SweepStats, draw_sweep, last_visits, run_sweep
 from rso.search.visit import visit_order
 
 CASES = (("paper6", 5000), ("oneconv", 512))
@@ -130,7 +130,7 @@ def sweep_sample(engine, model, target, images, labels, batch_size, seed, device
         setup = time.perf_counter() - start
         count = target.numel if count is None else min(count, target.numel)
         steps_list, chunks_list = steps.tolist(), chunks.tolist()
-        last_visit = {chunk: index for index, chunk in enumerate(chunks_list)}
+        last_visit = last_visits(chunks_list)
         times = []
         for index in range(count):
             began = time.perf_counter()
@@ -362,7 +362,9 @@ def conv_floor(name: str, batch_size: int, device: torch.device, dtype: torch.dt
             "per_tensor_s": per_tensor, "cycle_s": sum(per_tensor.values())}
 
 
-def bench_case(name: str, batch_size: int, args, device: torch.device) -> dict:
+def bench_case(name: str, batch_size: int, args, device: torch.device, ceiling: dict | None = None) -> dict:
+    """Every configuration of one model and batch size; ``ceiling``: :func:`parallel_ceiling`'s measurement,
+    which divides the convolution floor for N workers (N when not measured)."""
     base = {"model": name, "batch_size": batch_size, "device": str(device), "dtype": args.dtype, "seed": args.seed,
             "train_subset": args.train_subset, "threads": args.threads, "extra_visits": args.extra_visits,
             "prefix_visits": args.prefix_visits, "reference_visits": args.reference_visits,
@@ -393,7 +395,7 @@ def bench_case(name: str, batch_size: int, args, device: torch.device) -> dict:
             "configurations": results, "cycle_s": cycle, "reference_per_visit_s": reference_per_visit,
             "peak_memory_gb": {key: result["peak_memory_gb"] for key, result in results.items()}}
     floor = conv_floor(name, batch_size, device, getattr(torch, args.dtype))
-    floor["workers_cycle_s"] = floor["cycle_s"] / (args.ceiling_ratio or n)
+    floor["workers_cycle_s"] = floor["cycle_s"] / (ceiling["ratio"] if ceiling else n)
     case["conv_floor"] = floor
     for key in ("cycle_1", f"cycle_{n}"):
         if key in cycle:
@@ -508,12 +510,11 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()
     rates = peak_rates(device, dtype)
     ceiling = parallel_ceiling(args.workers, dtype) if device.type == "cpu" and args.workers > 1 else None
-    args.ceiling_ratio = ceiling["ratio"] if ceiling else None
     scaling = (f"; {args.workers} processes of that conv at once reach {ceiling['ratio']:.2f}x one process's "
                f"throughput (the ceiling for {args.workers} workers here)" if ceiling else "")
     print(f"machine: matmul {rates['matmul_gflops']:.1f} GFLOP/s, conv {rates['conv_gflops']:.1f} GFLOP/s{scaling}; "
           f"load average {load_start[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    results = [bench_case(name, args.batch_size or batch, args, device) for name, batch in CASES
+    results = [bench_case(name, args.batch_size or batch, args, device, ceiling) for name, batch in CASES
                if name in args.models.split(",")]
     load_end = os.getloadavg()
     texts = [table(case) for case in results]

@@ -150,6 +150,11 @@ class VisitRecorder:
             self.pending_loss = 0.0
 
 
+def last_visits(chunks: list[int], start: int = 0) -> dict[int, int]:
+    """Each chunk's last visit from ``start`` on: after it the loop lets the engine drop the chunk's caches."""
+    return {chunk: index for index, chunk in enumerate(chunks) if index >= start}
+
+
 def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch.Tensor, steps: torch.Tensor,
                       weight_decay: float, stats: SweepStats, progress: Progress | None,
                       report_every: int = 16, start_visit: int = 0, checkpoint: Checkpoint | None = None) -> None:
@@ -158,7 +163,7 @@ def visit_each_weight(engine: ScoringEngine, target: SearchTarget, chunks: torch
     dtype = target.parameter.dtype
     recorder = VisitRecorder(stats, progress, engine.partition.batch_size, target.numel, report_every)
     steps_list, chunks_list = steps.tolist(), chunks.tolist()
-    last_visit = {chunk: index for index, chunk in enumerate(chunks_list) if index >= start_visit}
+    last_visit = last_visits(chunks_list, start_visit)
     for index in range(start_visit, target.numel):
         chunk = chunks_list[index]
         current = flat[index].item()
