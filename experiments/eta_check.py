@@ -39,8 +39,11 @@ def bench_sweeps(args) -> list[tuple[int, str, float]]:
     as ``--cycles`` identical cycles: the ETA on an idle machine whose every sweep takes what the bench measured."""
     import json
 
-    report = json.loads(Path(args.replay).read_text())
-    case = next((case for case in report["results"]
+    try:
+        report = json.loads(Path(args.replay).read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: {args.replay} is not a bench report (rso.bench's bench.json): {error}") from None
+    case = next((case for case in report.get("results", [])
                  if case["model"] == args.model and case["batch_size"] == args.batch_size), None)
     if case is None or args.bench_config not in case["configurations"]:
         raise SystemExit(f"error: {args.replay} has no {args.model} batch {args.batch_size} {args.bench_config}")
@@ -57,6 +60,8 @@ def replay(args) -> int:
     from rso.models import build_model
     from rso.search.visit import visit_order
 
+    if not Path(args.replay).is_file():
+        raise SystemExit(f"error: no file {args.replay} to replay (a run's log.txt or rso.bench's bench.json)")
     if args.replay.endswith(".json"):
         sweeps = bench_sweeps(args)
     else:

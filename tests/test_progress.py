@@ -160,3 +160,14 @@ def test_eta_replay_of_a_log_from_a_later_cycle(tmp_path, capsys):
     # from cycle 1 the slow first cycle is in the replay: the ETA made before it ended was far off
     assert worst() > later + 50
     assert eta_check.main([*flags, "--tolerance", "0"]) == 1
+
+
+def test_eta_replay_of_a_missing_or_damaged_file_is_one_line(tmp_path, capsys):
+    from experiments import eta_check
+
+    damaged = tmp_path / "bench.json"
+    damaged.write_text("{")
+    for path, expected in ((tmp_path / "none.txt", "no file"), (damaged, "is not a bench report")):
+        with pytest.raises(SystemExit) as stop:
+            eta_check.main(["--replay", str(path), "--out", str(tmp_path)])
+        assert str(stop.value).startswith("error: ") and expected in str(stop.value)
