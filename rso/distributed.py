@@ -120,21 +120,19 @@ class World:
     def batch_norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float) -> torch.Tensor:
         """Train-mode batch normalization of ``x`` (N, C, ...) with the statistics of the whole chunk (all
-        ranks' shares); no running statistics. A world of one is ``F.batch_norm`` itself."""
+        ranks' shares); no running statistics. A world of one is ``F.batch_norm`` itself.
+
+        This rank's moments come from one float64-accumulating pass (numba on CPU, in ``x``'s own layout; a
+        float64 ``var_mean`` elsewhere); the combined statistics then normalize ``x`` in one more pass
+        (``F.batch_norm`` in inference form). A float64 copy of ``x`` and a separate scale-and-shift made this
+        2.9x slower per example than one process's ``F.batch_norm`` in a cache fill."""
         if self.size == 1:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-        dims = [0] + list(range(2, x.dim()))
-        count = x.numel() // x.shape[1]
-        variance, mean = torch.var_mean(x.to(torch.float64), dim=dims, unbiased=False)
+        mean, variance, count = local_moments(x)
         mean, variance = self.combine_moments(count, mean, variance)
-        scale = 1.0 / torch.sqrt(variance + eps)
-        if weight is not None:
-            scale = scale * weight.to(torch.float64)
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.to(torch.float64)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+        mean = torch.as_tensor(mean, dtype=torch.float64).to(x.device, x.dtype)
+        variance = torch.as_tensor(variance, dtype=torch.float64).to(x.device, x.dtype)
+        return F.batch_norm(x, mean, variance, weight, bias, False, 0.0, eps)
 
     @contextlib.contextmanager
     def batch_statistics(self, model: nn.Module, fixed: dict | None = None) -> Iterator[None]:
@@ -195,6 +193,18 @@ class World:
             return rows
         n = rows.numel()
         return rows[n * self.rank // self.size:n * (self.rank + 1) // self.size]
+
+
+def local_moments(x: torch.Tensor):
+    """This process's per-channel (mean, biased variance) of ``x`` (N, C, ...), accumulated in float64, and
+    the count per channel."""
+    from rso.engines import kernels
+
+    if x.device.type == "cpu" and kernels.available():
+        return kernels.moments(x)
+    dims = [0] + list(range(2, x.dim()))
+    variance, mean = torch.var_mean(x.to(torch.float64), dim=dims, unbiased=False)
+    return mean, variance, x.numel() // x.shape[1]
 
 
 LOCAL = World()

@@ -260,3 +260,54 @@ def test_a_chunk_is_released_after_its_last_visit_of_the_sweep(engine_name, monk
     assert results[engine_name][0] == results["reference"][0]
     assert torch.equal(results[engine_name][1], results["reference"][1])
     assert results[engine_name][2] == [1, 2, 0]
+
+
+class _CountingWorld:
+    """A world of one that counts ``combine_moments`` calls (the collectives several workers would make)."""
+
+    size, rank, is_main = 1, 0, True
+
+    def __init__(self):
+        from rso.distributed import LOCAL
+        self.local, self.calls = LOCAL, 0
+
+    def combine_moments(self, count, mean, variance):
+        self.calls += 1
+        return mean, variance
+
+    def __getattr__(self, name):
+        return getattr(self.local, name)
+
+
+@numba_only
+@pytest.mark.parametrize("tensor", ["0.weight", "1.weight", "3.weight"])
+def test_candidates_side_by_side_score_as_one_at_a_time(tensor):
+    """With several workers the candidates run the suffix side by side (one reduction per BN for all of them).
+    Forced on in one process: the same losses bit for bit, the same decisions and weights as one candidate
+    at a time and as the reference, and fewer reductions."""
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(48, 1, 8, 8, generator=generator, dtype=torch.float64), torch.arange(48) % 10
+    results = {}
+    for mode in ("reference", "one-at-a-time", "side-by-side"):
+        model = conv_net()
+        target = next(t for t in visit_order(model) if t.name == tensor)
+        world = _CountingWorld()
+        engine = make_engine("reference", model) if mode == "reference" else FastEngine(kernels="numba", world=world)
+        scores = []
+        if mode != "reference":
+            begin = engine.begin_sweep
+
+            def begin_sweep(*args, engine=engine, begin=begin, lockstep=mode == "side-by-side", **kwargs):
+                begin(*args, **kwargs)
+                engine._lockstep = lockstep
+            engine.begin_sweep = begin_sweep
+            score = engine.score
+            engine.score = lambda *args, score=score: scores.append(score(*args)) or scores[-1]
+        stats = run_sweep(model, target, images, labels, engine, sigma=target.sigma * 3, batch_size=16,
+                          sampler=gaussian_steps, generator=torch.Generator().manual_seed(1))
+        results[mode] = (stats.accepted, target.parameter.detach().clone(), scores, world.calls)
+    accepted, weights, scores, calls = results["side-by-side"]
+    assert accepted == results["reference"][0] > 0
+    assert torch.equal(weights, results["reference"][1])
+    assert torch.equal(torch.stack(scores), torch.stack(results["one-at-a-time"][2]))
+    assert calls < results["one-at-a-time"][3]

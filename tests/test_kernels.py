@@ -116,3 +116,25 @@ def test_one_channel_conv_in_place():
     with pytest.raises(ValueError, match="channels-last"):
         kernels.add_one_channel_conv(base, new, inputs[:, 1:2], layer, 1, out=torch.empty(2, 4, 6, 6,
                                                                                            dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-9)])
+@pytest.mark.parametrize("shape, layout", [((6, 5, 9, 7), "nchw"), ((6, 5, 9, 7), "channels_last"),
+                                           ((6, 1, 9, 7), "nchw"), ((6, 5, 1, 1), "nchw"), ((6, 5), "nchw"),
+                                           ((6, 5, 11), "nchw"), ((6, 5, 9, 7), "strided")])
+def test_moments_equal_float64_var_mean(shape, layout, dtype, rtol):
+    """The per-channel moments a worker contributes to a chunk's BN statistics, in every layout they are
+    asked of, against float64 ``var_mean`` (large mean, small spread: the case raw sums get wrong)."""
+    generator = torch.Generator().manual_seed(3)
+    x = 40.0 + 0.01 * torch.randn(*shape, generator=generator, dtype=torch.float64)
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=1)[:, ::2]
+    mean, variance, count = kernels.moments(x)
+    dims = [0] + list(range(2, x.dim()))
+    want_variance, want_mean = torch.var_mean(x.to(torch.float64), dim=dims, unbiased=False)
+    assert count == x.numel() // x.shape[1]
+    torch.testing.assert_close(torch.from_numpy(mean), want_mean, rtol=rtol, atol=0)
+    torch.testing.assert_close(torch.from_numpy(variance), want_variance, rtol=1e3 * rtol, atol=0)

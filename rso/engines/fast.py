@@ -157,6 +157,9 @@ class FastEngine(ScoringEngine):
         spatial_suffix = isinstance(self.plan.next_layer, nn.Conv2d)
         self._suffix = group_channel_ops(self.plan.suffix) if self._numba_path and spatial_suffix else list(self.plan.suffix)
         self._fused_pool = self._moments_with_next_conv()
+        # several workers, numba path, no autocast: the candidates run the suffix side by side (one collective
+        # per BN for all of them); one process keeps one candidate at a time (less memory, nothing to gain)
+        self._lockstep = self.world.size > 1 and self._numba_path and spatial_suffix
         self._channel_block = self._fused_channel_block()
         self._block_buffer: torch.Tensor | None = None
         if isinstance(self.layer, nn.Conv2d) and target.kind == "weight":
@@ -385,7 +388,7 @@ class FastEngine(ScoringEngine):
         return x, offset, size
 
     def _through_next(self, next_output: torch.Tensor, old: torch.Tensor, new: torch.Tensor, channel: int,
-                      offset: int, size: int, update: bool = False) -> torch.Tensor:
+                      offset: int, size: int, update: bool = False, key: str = "next") -> torch.Tensor:
         """The next linear layer's output (K, B, ...) when its input channel changes from ``old`` to ``new``.
 
         ``update``: the result replaces ``next_output`` (a chunk's cache); the numba path then writes it in
@@ -401,7 +404,7 @@ class FastEngine(ScoringEngine):
         if isinstance(layer, nn.Conv2d) and self._numba_path and count == 1 and isinstance(layer.padding, tuple):
             from rso.engines import fused
             from rso.engines.kernels import add_one_channel_conv
-            out = next_output if update else self._buffer("next", next_output.shape)
+            out = next_output if update else self._buffer(key, next_output.shape)
             if fused.fits(layer):
                 fused.next_conv(next_output, new, old, layer, channel, out)
                 return out.unsqueeze(0)
@@ -498,6 +501,51 @@ class FastEngine(ScoringEngine):
             logits = self._run_suffix(next_output, moments)
         return summed_cross_entropy(logits, state.labels).item()
 
+    def _candidate_losses(self, state: _Chunk, out: torch.Tensor, ks: list[int], channel: int, offset: int,
+                          size: int) -> list[float]:
+        """:meth:`_candidate_loss` of the candidates ``ks`` run side by side through the suffix, so that each BN
+        of the suffix reduces the candidates' statistics over the workers in one collective, not one each.
+        Same arithmetic per candidate; holds one copy of each suffix tensor per candidate (used with several
+        workers only, where a collective's wait costs more than the memory)."""
+        moments, xs = [], []
+        for k in ks:
+            key = f"next{k}"
+            if self._fused_pool is not None:
+                from rso.engines import fused
+                next_output = self._buffer(key, state.next_output.shape)
+                moments.append(fused.next_conv(state.next_output, out[:, k:k + 1], state.in_next,
+                                               self.plan.next_layer, channel, next_output, self._fused_pool))
+            else:
+                next_output = self._through_next(state.next_output, state.in_next, out[:, k:k + 1], channel,
+                                                 offset, size, key=key)[0]
+                moments.append(None)
+            xs.append(next_output)
+        logits = self._run_suffixes(xs, moments, ks)
+        return [summed_cross_entropy(x, state.labels).item() for x in logits]
+
+    def _run_suffixes(self, xs: list[torch.Tensor], moments: list, ks: list[int]) -> list[torch.Tensor]:
+        """:meth:`_run_suffix` for several candidates layer by layer: one ``combine_moments`` per BN group."""
+        from rso.engines.kernels import channel_ops_many
+        xs = list(xs)
+        for position, layer in enumerate(self._suffix):
+            if isinstance(layer, ChannelOps):
+                given = moments if layer.batchnorm is not None else None
+                moments = [None] * len(xs) if layer.batchnorm is not None else moments
+                buffers = [lambda shape, key=f"suffix{position}.{k}": self._buffer(key, shape) for k in ks]
+                xs = channel_ops_many(xs, layer, buffers, self.world.combine_moments, given)
+                continue
+            xs = [self._suffix_layer(layer, x) for x in xs]
+        return xs
+
+    def _suffix_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One layer of the suffix that is not a fused channel group, on a tensor the caller may not own."""
+        if isinstance(layer, nn.Conv2d):
+            return F.conv2d(x.contiguous(memory_format=torch.channels_last), layer.weight, layer.bias,
+                            layer.stride, layer.padding, layer.dilation)
+        if isinstance(layer, BATCHNORMS):
+            return self.world.batch_norm(x, layer.weight, layer.bias, layer.eps)
+        return layer(x)
+
     def _run_suffix(self, x: torch.Tensor, moments=None) -> torch.Tensor:
         """The layers after the next linear layer, BN on this batch's statistics; ``x`` is left unchanged.
         ``moments``: those of the first BN's input, when the next conv's pass computed them.
@@ -565,8 +613,12 @@ class FastEngine(ScoringEngine):
         unchanged = values[0].item() == self.target.parameter.detach().view(-1)[index].item()
         known = state.current_loss if unchanged and state.loss_version == len(self.log) else None
         losses = torch.zeros(count, dtype=torch.float64)
-        for k in range(count):
-            if k > 0 or known is None:
+        scored = [k for k in range(count) if k > 0 or known is None]
+        if self._lockstep and len(scored) > 1:
+            for k, loss in zip(scored, self._candidate_losses(state, out, scored, channel, offset, size)):
+                losses[k] = loss
+        else:
+            for k in scored:
                 losses[k] = self._candidate_loss(state, out, k, channel, offset, size)
         losses = self.world.sum(losses)     # this rank's share of the chunk -> the chunk's losses
         if known is not None:

@@ -191,6 +191,30 @@ def _channel_moments(x, parts):
     return sums, shift
 
 
+def _channel_moments_rows(x, parts):
+    """:func:`_channel_moments` for an (N, C, S) array (a contiguous NCHW tensor): each (example, channel)
+    row is summed on its own, then added to the channel's total (two-level summation)."""
+    n, c, s = x.shape
+    shift = np.empty(c, np.float64)
+    for k in range(c):
+        shift[k] = x[0, k, 0]
+    sums = np.zeros((parts, 2, c), np.float64)
+    step = (n + parts - 1) // parts
+    for p in numba.prange(parts):
+        for i in range(p * step, min(n, (p + 1) * step)):
+            for k in range(c):
+                center = shift[k]
+                first = 0.0
+                second = 0.0
+                for j in range(s):
+                    v = x[i, k, j] - center
+                    first += v
+                    second += v * v
+                sums[p, 0, k] += first
+                sums[p, 1, k] += second
+    return sums, shift
+
+
 def _nan_max(a, b):
     """max that returns NaN when either argument is NaN, as torch's max pooling does."""
     return a if (a != a or a >= b) else b
@@ -315,6 +339,7 @@ if numba is not None:
     _nan_max = numba.njit(cache=True, inline="always")(_nan_max)
     _relu_pool_window = numba.njit(cache=True, inline="always")(_relu_pool_window)
     _channel_moments = numba.njit(cache=True, parallel=True)(_channel_moments)
+    _channel_moments_rows = numba.njit(cache=True, parallel=True)(_channel_moments_rows)
     _affine_relu_pool = numba.njit(cache=True, parallel=True)(_affine_relu_pool)
     _add_one_channel_conv = numba.njit(cache=True, parallel=True)(_add_one_channel_conv)
     _add_one_channel_conv_unit_stride = numba.njit(cache=True, parallel=True)(_add_one_channel_conv_unit_stride)
@@ -334,30 +359,61 @@ def channel_ops(x: torch.Tensor, ops, buffer=None, combine_moments=None, moments
     ``combine_moments(count, mean, variance)``, when given, turns this process's BN statistics into the whole
     chunk's (:meth:`rso.distributed.World.combine_moments`). ``moments``: this process's ``(sums, shift,
     count)`` when already computed (by :func:`batch_moments` or a fused kernel); the moments pass is skipped."""
-    source = _nhwc(x)
-    n, height, width, c = source.shape
-    array = source.numpy()
+    return channel_ops_many([x], ops, None if buffer is None else [buffer], combine_moments, [moments])[0]
+
+
+def channel_ops_many(xs: list[torch.Tensor], ops, buffers=None, combine_moments=None,
+                     moments=None) -> list[torch.Tensor]:
+    """:func:`channel_ops` on tensors of one shape (a visit's candidates) with one ``combine_moments`` call
+    for all of them: with several workers, one collective for the candidates instead of one each. Each
+    result is what :func:`channel_ops` gives it alone (the reduction is elementwise)."""
+    moments = moments if moments is not None else [None] * len(xs)
     if ops.batchnorm is not None:
-        if moments is None:
-            moments = batch_moments(x)
-        scale, bias = batchnorm_affine(ops.batchnorm, *moments, combine_moments=combine_moments)
-    else:
-        scale, bias = np.ones(c), np.zeros(c)
-    pool = POOL_CODES[ops.pool]
-    shape = {0: (n, height, width, c), 3: (n, 1, 1, c), 4: (n, 1, 1, c)}.get(pool, (n, height // 2, width // 2, c))
-    shape = (shape[0], shape[3], shape[1], shape[2])
-    out = buffer(shape) if buffer is not None else torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last)
-    _affine_relu_pool(array, scale.astype(array.dtype), bias.astype(array.dtype), ops.relu, pool, _nhwc(out).numpy())
-    return out
+        stats = [given if given is not None else batch_moments(x) for x, given in zip(xs, moments)]
+        affines = batchnorm_affines(ops.batchnorm, stats, combine_moments=combine_moments)
+    outs = []
+    for position, x in enumerate(xs):
+        source = _nhwc(x)
+        n, height, width, c = source.shape
+        array = source.numpy()
+        scale, bias = affines[position] if ops.batchnorm is not None else (np.ones(c), np.zeros(c))
+        pool = POOL_CODES[ops.pool]
+        shape = {0: (n, height, width, c), 3: (n, 1, 1, c), 4: (n, 1, 1, c)}.get(pool, (n, height // 2, width // 2, c))
+        shape = (shape[0], shape[3], shape[1], shape[2])
+        out = (buffers[position](shape) if buffers is not None else
+               torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last))
+        _affine_relu_pool(array, scale.astype(array.dtype), bias.astype(array.dtype), ops.relu, pool,
+                          _nhwc(out).numpy())
+        outs.append(out)
+    return outs
 
 
 def batch_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-channel ``(sums (parts, 2, C), shift (C,), count)`` of the (N, C, H, W) tensor ``x``: sums of
-    ``x - shift`` and of its square over the examples and pixels (see :func:`_channel_moments`)."""
-    source = _nhwc(x)
+    """Per-channel ``(sums (parts, 2, C), shift (C,), count)`` of the (N, C, ...) tensor ``x``: sums of
+    ``x - shift`` and of its square over the examples and pixels (see :func:`_channel_moments`). Read in the
+    layout ``x`` has: a contiguous NCHW (or (N, C) / (N, C, L)) tensor is not copied to channels-last."""
+    parts = numba.get_num_threads()
+    if x.dim() >= 3 and x.is_contiguous():
+        rows = x.detach().reshape(x.shape[0], x.shape[1], -1)
+        if rows.shape[2] > 1 or x.shape[1] == 1:
+            sums, shift = _channel_moments_rows(rows.numpy(), parts)
+            return sums, shift, rows.shape[0] * rows.shape[2]
+    if x.dim() == 2:
+        x = x.unsqueeze(2).unsqueeze(3)
+    elif x.dim() == 3:
+        x = x.unsqueeze(3)
+    source = _nhwc(x.detach())
     n, height, width, c = source.shape
-    sums, shift = _channel_moments(source.numpy().reshape(n, height * width, c), numba.get_num_threads())
+    sums, shift = _channel_moments(source.numpy().reshape(n, height * width, c), parts)
     return sums, shift, n * height * width
+
+
+def moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel (mean, biased variance) in float64 and the count per channel, of the (N, C, ...) tensor
+    ``x``, in one pass (:func:`batch_moments`)."""
+    sums, shift, count = batch_moments(x)
+    first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
+    return shift + first, np.maximum(second - first * first, 0.0), count
 
 
 def batchnorm_affine(layer, sums: np.ndarray, shift: np.ndarray, count: int,
@@ -365,19 +421,38 @@ def batchnorm_affine(layer, sums: np.ndarray, shift: np.ndarray, count: int,
     """BN with batch statistics as ``x * scale + bias`` per column of the moments (a channel, or with
     ``channel`` given, a candidate of that one channel), from the moments of its input (``combine_moments``:
     see :func:`channel_ops`)."""
-    first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
-    mean = shift + first
-    variance = np.maximum(second - first * first, 0.0)
+    return batchnorm_affines(layer, [(sums, shift, count)], channel, combine_moments)[0]
+
+
+def batchnorm_affines(layer, stats: list, channel: int | None = None,
+                      combine_moments=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`batchnorm_affine` for several ``(sums, shift, count)`` of one count, with one
+    ``combine_moments`` call for all of them (its reduction is elementwise: the same values as one call each)."""
+    means, variances = [], []
+    for sums, shift, count in stats:
+        first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
+        means.append(shift + first)
+        variances.append(np.maximum(second - first * first, 0.0))
     if combine_moments is not None:
-        mean, variance = combine_moments(count, mean, variance)
-    scale = 1.0 / np.sqrt(variance + layer.eps)
+        counts = {count for _, _, count in stats}
+        if len(counts) != 1:
+            raise ValueError(f"moments of different counts cannot be combined in one call: {sorted(counts)}")
+        sizes = np.cumsum([len(mean) for mean in means])[:-1]
+        mean, variance = combine_moments(counts.pop(), np.concatenate(means), np.concatenate(variances))
+        means, variances = np.split(np.asarray(mean), sizes), np.split(np.asarray(variance), sizes)
     part = slice(None) if channel is None else channel
-    if layer.weight is not None:
-        scale = scale * layer.weight.detach().cpu().double().numpy()[part]
-    bias = -mean * scale
-    if layer.bias is not None:
-        bias = bias + layer.bias.detach().cpu().double().numpy()[part]
-    return scale, bias
+    weight = None if layer.weight is None else layer.weight.detach().cpu().double().numpy()[part]
+    bias_term = None if layer.bias is None else layer.bias.detach().cpu().double().numpy()[part]
+    affines = []
+    for mean, variance in zip(means, variances):
+        scale = 1.0 / np.sqrt(variance + layer.eps)
+        if weight is not None:
+            scale = scale * weight
+        bias = -mean * scale
+        if bias_term is not None:
+            bias = bias + bias_term
+        affines.append((scale, bias))
+    return affines
 
 
 def add_one_channel_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, channel: int,
