@@ -214,7 +214,7 @@ def test_one_thread_by_default(tmp_path, mnist_small):
 @pytest.mark.parametrize("padding, kernel", [((1, 1), 3), ((0, 0), 3), ((2, 1), 3), ((1, 1), 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_step_added_without_padding_equals_the_padded_basis(padding, kernel, dtype):
-    """_plus_step (a shifted rectangle of the input channel added to a copy) against the plain
+    """_plus_step (a shifted rectangle of the input channel added to a copy, or in place) against the plain
     ``pre + step * basis``, for every element of the kernel: the same values, bit for bit."""
     generator = torch.Generator().manual_seed(1)
     conv = nn.Conv2d(3, 2, kernel, padding=padding, bias=False)
@@ -224,10 +224,16 @@ def test_a_step_added_without_padding_equals_the_padded_basis(padding, kernel, d
     inputs = torch.randn(5, 3, 6, 7, generator=generator, dtype=dtype)
     out_h, out_w = 6 + 2 * padding[0] - kernel + 1, 7 + 2 * padding[1] - kernel + 1
     pre = torch.randn(5, 1, out_h, out_w, generator=generator, dtype=dtype)
+    running = pre.clone()
     for index in range(2 * engine._per_channel):
         step = torch.randn((), generator=generator, dtype=dtype)
         plain = pre + step * engine._basis(inputs, index)
+        kept = pre.clone()
         assert torch.equal(engine._plus_step(pre, inputs, index, step), plain), index
+        assert torch.equal(pre, kept)      # a copy: the cached tensor is not touched
+        want = running + step * engine._basis(inputs, index)
+        assert engine._plus_step(running, inputs, index, step, in_place=True) is running
+        assert torch.equal(running, want), index
 
 
 @pytest.mark.parametrize("engine_name", ["fast", "prefix-cache"])

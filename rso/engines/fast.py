@@ -244,9 +244,10 @@ class FastEngine(ScoringEngine):
     def _forward_to_next(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(input of the searched layer, output of the next linear layer) for the examples ``x``."""
         x = self._forward(self.plan.layers[:self.plan.searched], x)
+        y = self._forward(self.plan.layers[self.plan.searched:self.plan.next_index + 1], x)
         if self._numba_path and x.dim() == 4:
             x = x.contiguous()     # the one-channel passes read an input channel as a contiguous plane
-        return x, self._forward(self.plan.layers[self.plan.searched:self.plan.next_index + 1], x)
+        return x, y
 
     def _forward(self, layers, x: torch.Tensor) -> torch.Tensor:
         """``layers`` on ``x`` (BN on the chunk's statistics, or the fixed ones). On the numba path each
@@ -325,19 +326,21 @@ class FastEngine(ScoringEngine):
             return F.conv2d(inputs, weight, bias, layer.stride, layer.padding, layer.dilation)
         return F.linear(inputs, weight, bias)
 
-    def _plus_step(self, pre: torch.Tensor, inputs: torch.Tensor, index: int, step: torch.Tensor) -> torch.Tensor:
-        """``pre + step * self._basis(inputs, index)`` in a new tensor, with the same roundings (zeros may change
-        sign). Where the basis is a shifted copy of one input channel, only the rectangle the shift covers is
-        added to a copy of ``pre``: no padded copy of the channel and no full-size product (an accepted step
-        reaches every chunk's cache this way, so this runs about 8 times a conv1 visit)."""
+    def _plus_step(self, pre: torch.Tensor, inputs: torch.Tensor, index: int, step: torch.Tensor,
+                   in_place: bool = False) -> torch.Tensor:
+        """``pre + step * self._basis(inputs, index)``, with the same roundings (zeros may change sign): in a new
+        tensor, or with ``in_place`` in ``pre`` itself (a tensor the caller owns, aliased by no cache). Where the
+        basis is a shifted copy of one input channel, only the rectangle the shift covers is added: no padded
+        copy of the channel and no full-size product (an accepted step reaches every chunk's cache this way,
+        so this runs about 8 times a conv1 visit; the copy costs about as much as the sum)."""
         if not self._shifted_basis:
-            return pre + step * self._basis(inputs, index)
+            return pre.add_(step * self._basis(inputs, index)) if in_place else pre + step * self._basis(inputs, index)
         channel, (dy, dx) = self._basis_source(inputs, index)
         (in_h, in_w), (out_h, out_w) = inputs.shape[2:], pre.shape[2:]
         # basis[y, x] = channel[y + dy, x + dx] inside the input, else 0
         y0, y1 = max(0, -dy), min(out_h, in_h - dy)
         x0, x1 = max(0, -dx), min(out_w, in_w - dx)
-        out = pre.clone()
+        out = pre if in_place else pre.clone()
         if y0 < y1 and x0 < x1:
             out[:, :, y0:y1, x0:x1] += step * channel[:, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
         return out
@@ -466,10 +469,11 @@ class FastEngine(ScoringEngine):
                 else:
                     # add the accepted steps to the cached preactivation, as score() does for a candidate
                     # (a fresh one-channel convolution costs far more at 28x28)
-                    pre = state.preactivation
+                    pre, owned = state.preactivation, False    # the cached one may be aliased: copy once
                     for change in pending:
                         if change.channel == changed:
-                            pre = self._plus_step(pre, state.inputs, change.index, change.step)
+                            pre = self._plus_step(pre, state.inputs, change.index, change.step, in_place=owned)
+                            owned = True
                     state.preactivation = pre
                     state.block_output = self._block(pre, changed, None)[0]
             elif self.first_change[changed] >= state.synced:
@@ -618,6 +622,7 @@ class FastEngine(ScoringEngine):
             from rso.engines import fused
             steps = candidates - self.target.parameter.detach().view(-1)[index]
             source, tap = self._basis_source(state.inputs, index)
+            source = None if source is None else source.contiguous()   # read by both passes: copied once
             block = self._channel_block
             moments = None if block.batchnorm is None else \
                 fused.block_moments(state.preactivation, source, steps, tap, block)
