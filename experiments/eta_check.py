@@ -8,6 +8,7 @@ of a run's ``log.txt`` through the same ETA model, at every sweep boundary.
     python -m experiments.eta_check --replay runs/mnist-rso/log.txt --model oneconv --batch-size 1000
     python -m experiments.eta_check --replay results/paper/run/log.txt --batch-size 5000 --from-cycle 2 --workers 2
     python -m experiments.eta_check --replay results/bench/bench.json --batch-size 5000 --cycles 3 --bench-config fast_2 --workers 2
+    python -m experiments.eta_check --log runs/paper6-1/log.txt     # the ETAs a finished run logged, per sweep
 
 Writes ``eta.csv`` (one row per report: seconds since the start, cycle, tensor, visits into the sweep, ETA,
 actual remaining time) into ``--out`` and prints, per sweep, the ETA at its first report against the actual
@@ -120,6 +121,66 @@ def replay(args) -> int:
     return 0 if worst <= args.tolerance else 1
 
 
+LOGGED_ETA = re.compile(r"^(\d\d):(\d\d):(\d\d) cycle (\d+)/\d+ (\S+) .*\) eta (?:(\d+):)?(\d\d):(\d\d)$")
+LOGGED_SWEEP = re.compile(r"^(\d\d):(\d\d):(\d\d) cycle \d+/\d+ \S+ .*s total\)")
+
+
+def logged(args) -> int:
+    """A finished run's own ETAs: every sweep line of its ``log.txt`` ends with the ETA the run computed then
+    (``eta H:MM:SS``); the actual remaining time is from that line's clock time to the last sweep line's. This
+    checks what a user of that run saw, with any number of workers (the bar's ETA is only on rank 0)."""
+    path = Path(args.log)
+    if not path.is_file():
+        raise SystemExit(f"error: no file {args.log} (a finished run's log.txt)")
+    times, etas = [], []   # per sweep line: seconds since the first, and the logged ETA (None on the last)
+    day = previous = 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not LOGGED_SWEEP.match(line):
+            continue
+        hours, minutes, seconds = (int(part) for part in line[:8].split(":"))
+        clock = hours * 3600 + minutes * 60 + seconds
+        if times and clock + day < previous:
+            day += 86400       # the run went past midnight
+        previous = clock + day
+        times.append(previous)
+        match = LOGGED_ETA.match(line)   # (ETA s, cycle, tensor), or None (the last sweep logs none)
+        etas.append(None if match is None else
+                    (int(match.group(6) or 0) * 3600 + int(match.group(7)) * 60 + int(match.group(8)),
+                     match.group(4), match.group(5)))
+    if len(times) < 3 or not any(etas[:-1]):
+        raise SystemExit(f"error: {args.log} has fewer than 3 sweep lines with an ETA ('... s total) eta H:MM:SS'); "
+                         "it needs a finished run logged by this version")
+    end, total = times[-1], times[-1] - times[0]
+    rows, worst = [], 0.0
+    for position in range(1, len(times) - 1):     # after the first sweep, up to the last one
+        if etas[position] is None:
+            continue
+        eta, cycle, tensor = etas[position]
+        actual = end - times[position]
+        if actual <= 0:
+            continue
+        error = (eta - actual) / actual
+        if actual >= args.tail * total:
+            worst = max(worst, abs(error))
+        rows.append({"sweep": position, "cycle": int(cycle), "tensor": tensor, "elapsed": times[position] - times[0],
+                     "eta": eta, "actual": actual, "error": round(error, 4)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "eta_log.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["sweep", "cycle", "tensor", "elapsed", "eta", "actual", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{args.log}: {len(times)} sweep lines over {total} s (from the end of the first sweep)")
+    print(f"{'sweep':>5} {'cycle':>5} {'tensor':<12} {'at s':>8} {'ETA s':>8} {'actual s':>9} {'error':>7}")
+    for row in rows:
+        print(f"{row['sweep']:>5} {row['cycle']:>5} {row['tensor']:<12} {row['elapsed']:8.0f} {row['eta']:8.0f} "
+              f"{row['actual']:9.0f} {row['error']:+7.1%}")
+    print(f"after the first sweep, while {args.tail:.0%} of the run remains: largest |ETA - actual| / actual "
+          f"{worst:.1%} (tolerance {args.tolerance:.0%}); {csv_path}")
+    return 0 if rows and worst <= args.tolerance else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.eta_check",
                                      description="Compare the RSO progress bar's ETA with the actual remaining time.")
@@ -136,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="errors count while at least this fraction of the run remains")
     parser.add_argument("--out", default="results/progress")
     parser.add_argument("--replay", help="a run's log.txt: replay its sweep times instead of training")
+    parser.add_argument("--log", help="a finished run's log.txt: compare the ETA it logged after each sweep with "
+                        "the time it then took (any number of workers)")
     parser.add_argument("--train-examples", type=int, default=60000, help="--replay: training examples of the run")
     parser.add_argument("--bench-config", default="fast_1",
                         help="--replay of a bench.json: its configuration (fast_1, fast_2, prefix), as --cycles cycles")
@@ -148,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-cycle", type=int, default=1,
                         help="--replay: start at this cycle of the log (a run resumed inside an earlier one)")
     args = parser.parse_args(argv)
+    if args.log:
+        return logged(args)
     if args.replay:
         return replay(args)
 

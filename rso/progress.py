@@ -284,6 +284,16 @@ class SweepProgress:
         return current + rest_of_cycle + (self.cycles - self.cycle - 1) * sum(predictions.values())
 
 
+    def eta_after_sweep(self) -> float | None:
+        """Seconds left once the running sweep is over (call after :meth:`end_sweep`): every sweep after it,
+        at its predicted time. What a sweep's log line reports."""
+        predictions = {name: self.predicted(name) for name in self.order}
+        if any(value is None for value in predictions.values()):
+            return None
+        rest_of_cycle = sum(predictions[other] for other in self.order[self.index + 1:])
+        return rest_of_cycle + (self.cycles - self.cycle - 1) * sum(predictions.values())
+
+
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "?"

@@ -488,12 +488,15 @@ class Trainer:
                     if config.eval_every == "sweep" or last_of_cycle:
                         accuracy, test_loss = self.evaluate()
                         self.record(step, stats.mean_loss, accuracy, test_loss, cycle=cycle, target=target.name)
+                    tracker.end_sweep()
+                    left = tracker.eta_after_sweep()
                     self.logger.line(
                         f"cycle {cycle + 1}/{config.cycles} {target.name:<12} sigma {sigma:.4f} "
                         f"accept {stats.accept_rate:.3f} loss {stats.mean_loss:.4f}"
                         + (f" test acc {accuracy:.4f}" if accuracy is not None else "")
-                        + f" ({stats.seconds:.1f} s, {progress.seconds:.0f} s total)")
-                    tracker.end_sweep()
+                        + f" ({stats.seconds:.1f} s, {progress.seconds:.0f} s total)"
+                        + (f" eta {format_seconds(left)}" if left is not None and not (
+                            last_of_cycle and progress.cycle == config.cycles) else ""))
                     self.save()
                     if self.stop_requested():
                         self.save()   # the signal may have come during the save above: the checkpoint postdates it

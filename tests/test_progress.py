@@ -171,3 +171,31 @@ def test_eta_replay_of_a_missing_or_damaged_file_is_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             eta_check.main(["--replay", str(path), "--out", str(tmp_path)])
         assert str(stop.value).startswith("error: ") and expected in str(stop.value)
+
+
+def test_eta_check_reads_the_etas_a_run_logged(tmp_path, capsys):
+    """``eta_check --log``: each sweep line's logged ETA against the clock times of the lines after it (past
+    midnight too); a run whose ETAs were 10% high passes at 25% and fails at 5%."""
+    from experiments import eta_check
+
+    lines, clock = [], 23 * 3600 + 59 * 60      # 23:59:00: the run crosses midnight
+    took = [30, 300, 20, 400, 60, 90]
+    for position, seconds in enumerate(took):
+        clock += seconds
+        left = sum(took[position + 1:])
+        stamp = f"{clock // 3600 % 24:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}"
+        eta = f" eta {format_seconds(1.1 * left)}" if position < len(took) - 1 else ""
+        lines.append(f"{stamp} cycle 1/1 t{position:<11} sigma 0.1 accept 0.5 loss 0.5 ({seconds:.1f} s, "
+                     f"{clock:.0f} s total){eta}")
+    log = tmp_path / "log.txt"
+    log.write_text("\n".join(["23:59:00 engine: fast (auto)", *lines]) + "\n")
+    assert eta_check.main(["--log", str(log), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "largest |ETA - actual| / actual 10.0%" in out
+    rows = (tmp_path / "eta_log.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(took) - 2        # from the second sweep line to the one before the last
+    assert eta_check.main(["--log", str(log), "--out", str(tmp_path), "--tolerance", "0.05"]) == 1
+    with pytest.raises(SystemExit, match="fewer than 3 sweep lines with an ETA"):
+        eta_check.main(["--log", str(tmp_path / "eta_log.csv"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no file"):
+        eta_check.main(["--log", str(tmp_path / "missing.txt"), "--out", str(tmp_path)])

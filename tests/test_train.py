@@ -40,6 +40,10 @@ def test_rso_run_writes_events_config_checkpoint_and_final_metrics(tmp_path, dat
     # each tensor's last sweep time, which a resumed run's ETA starts from
     swept = {name for name, _ in model_from_checkpoint(state).named_parameters()}
     assert len(swept) == 7 and set(state["progress"]["sweep_seconds"]) == swept
+    # every sweep line but the run's last ends with the ETA then (experiments.eta_check --log reads it)
+    sweeps = [line for line in (folder / "log.txt").read_text().splitlines() if "s total)" in line]
+    assert len(sweeps) == 2 * 7
+    assert all(" s total) eta " in line for line in sweeps[:-1]) and "eta" not in sweeps[-1]
     assert evaluate_main([str(folder), "--data-dir", str(data_dir), "--test-subset", "500"]) == 0
     assert f"test accuracy {final['test_accuracy']:.4f}" in capsys.readouterr().out
     # TensorBoard events hold the documented tags, steps in weight visits
