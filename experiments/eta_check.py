@@ -208,12 +208,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="--replay: the run's BN handling during the search (the authors' preset: fixed-below)")
     parser.add_argument("--search-bn-images", type=int, default=2000,
                         help="--replay, fixed-below: images the fixed statistics come from (2000)")
+    parser.add_argument("--visit-work-scale", type=float,
+                        help="--replay: use this rso.progress.VISIT_WORK_SCALE (how its value was fitted)")
     parser.add_argument("--from-cycle", type=int, default=1,
                         help="--replay: start at this cycle of the log (a run resumed inside an earlier one)")
     args = parser.parse_args(argv)
     if args.log:
         return logged(args)
     if args.replay:
+        if args.visit_work_scale is not None:
+            progress_module.VISIT_WORK_SCALE = args.visit_work_scale
         return replay(args)
 
     reports: list[dict] = []

@@ -34,13 +34,14 @@ CANDIDATE_OVERHEAD = 0.01
 # An elementwise op (BN, ReLU, pooling, the one-channel delta) moves memory; on the CPUs measured here one
 # element of it costs about as much as this many multiply-adds of a convolution.
 ELEMENT_COST = 4.0
-# The engine's per-visit work runs at a better rate than the model above gives it relative to the cache fills
-# (a forward pass over the training set) that dominate the first sweeps: the deferred next-layer updates and the
-# fused numba passes made a visit cheaper. Fitted to the per-tensor sweep times of results/bench/bench.json
-# (paper6, batch 5000, fast engine with 1 and 2 workers, commit 759485e): replayed through the ETA, the
-# largest error after the first sweep falls from 25% and 62% to 18% and 20%
-# (``python -m experiments.eta_check --replay``; the paper run's own log is the independent check).
-VISIT_WORK_SCALE = 0.7
+# How a conv visit's work compares with a cache fill's, per sample-equivalent, for the fast engine: fitted to the
+# per-tensor sweep times of results/bench/bench.json (paper6, batch 5000, fast engine with 1 and 2 workers, commit
+# 5b8b1f8, where a cache fill runs the numba BN/ReLU/pooling passes and visits are 1.5-2x a fill's rate per
+# sample-equivalent). Replayed as 3 cycles through the ETA (``python -m experiments.eta_check --replay
+# results/bench/bench.json --batch-size 5000 --cycles 3 [--bench-config fast_2 --workers 2] --visit-work-scale
+# S``), the largest error after the first sweep is 20%/6% at S = 1.05, 16.5%/16.2% at 1.2, 15%/25% at 1.3; it
+# was 0.7 before the fills got faster (38%/55% with it now). A live run is the independent check (README).
+VISIT_WORK_SCALE = 1.2
 # With ``--search-bn fixed-below`` (the authors' BN handling) and several workers, a sweep's cache fill runs the
 # layers below in inference mode, without the per-chunk BN collectives a chunk-statistics fill needs at every BN
 # layer: it costs this fraction of the chunk-statistics fill. Measured on the sweeps that are mostly cache fill
@@ -153,8 +154,8 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
             fan_in = getattr(plan.next_layer, "in_channels", getattr(plan.next_layer, "in_features", 1))
             candidate += costs[plan.next_index] / max(fan_in, 1) + ELEMENT_COST * elements[plan.next_index]
             candidate += sum(costs[plan.next_index + 1:])
-        # once per sweep: the caches (a forward pass of the used examples) and the evaluation after the sweep
-        if not (plan.head_only and fused_head):
+        # a candidate of the output layer is a rank-one update of the cached logits: no cached tensors to move
+        if not plan.head_only:
             candidate += CANDIDATE_OVERHEAD * full
         setup = used * fill + statistics_samples * sum(costs[:plan.searched]) / full
         result[target.name] = SweepCost(setup, VISIT_WORK_SCALE * N_CANDIDATES * batch_size * candidate / full,
