@@ -38,7 +38,7 @@ from rso.engines import ENGINES, make_engine
 from rso.evaluate import evaluate, recalibrate_batchnorm
 from rso.interrupts import INTERRUPTS, StopRequested
 from rso.models import build_model, count_weights
-from rso.progress import SCORINGS, SweepProgress, fill_scale, format_seconds, sweep_costs
+from rso.progress import SCORINGS, SweepProgress, evaluation_work, fill_scale, format_seconds, sweep_costs
 from rso.provenance import UNRECORDED
 from rso.resources import ResourceError, check_model_fits
 from rso.runs import RunLogger, unique_run_dir
@@ -421,7 +421,7 @@ class Trainer:
                             statistics_samples=len(fixed_bn_images) if fixed_bn_images is not None else 0)
         evaluation_samples = min(config.bn_samples, len(self.data.train_labels)) + len(self.data.test_labels)
         for target in (targets if config.eval_every == "sweep" else targets[-1:]):
-            costs[target.name].after = evaluation_samples
+            costs[target.name].after = evaluation_work(evaluation_samples, self.world.size)
         tracker = SweepProgress(costs, [target.name for target in targets], config.cycles, progress.sweep_seconds)
         # the bar counts forward-sample equivalents (rso.progress): its ETA is this run's own per-tensor timings
         resumed_visits = self.resume_sweep["visit"] if self.resume_sweep else 0   # a run resumed inside a sweep
