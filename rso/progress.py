@@ -56,11 +56,11 @@ FIXED_BELOW_SETUP = 0.6
 
 # An evaluation after a sweep (BN recalibration over --bn-samples, then the test set) runs on rank 0 alone, with
 # PyTorch's layers rather than the engine's numba passes, while the other workers wait. Per example it costs about
-# this many sample-equivalents of one worker's cache fill. Measured in a 2-worker paper6 run at batch 5000
-# (results/progress/paper6_2workers_log.txt, commit e7fef04): the first sweep took 6.1 s and its line came 10 s
-# after the start, so the evaluation of 20,000 examples took about 3.9 s, 0.19 ms an example, where the bench's
-# 2-worker fill of 60,000 examples takes 4.2 s (0.14 ms an example per worker). With N workers the fill is split
-# N ways and the evaluation is not: see :func:`evaluation_work`.
+# this many sample-equivalents of one worker's cache fill. Measured in a 2-worker paper6 run at batch 5000, commit
+# e7fef04, stopped after its first sweep (results/progress/paper6_first_sweep_e7fef04_log.txt): the sweep took
+# 6.1 s and its line came 10 s after the start, so the evaluation of 20,000 examples took about 3.9 s, 0.19 ms an
+# example, where the bench's 2-worker fill of 60,000 examples takes 4.2 s (0.14 ms an example per worker). With N
+# workers the fill is split N ways and the evaluation is not: see :func:`evaluation_work`.
 EVALUATION_COST = 1.7
 
 
