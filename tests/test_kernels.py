@@ -138,3 +138,21 @@ def test_moments_equal_float64_var_mean(shape, layout, dtype, rtol):
     assert count == x.numel() // x.shape[1]
     torch.testing.assert_close(torch.from_numpy(mean), want_mean, rtol=rtol, atol=0)
     torch.testing.assert_close(torch.from_numpy(variance), want_variance, rtol=1e3 * rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("pool", ["none", "avg", "max"])
+def test_channel_ops_with_fixed_statistics_equal_torch(pool, dtype, rtol):
+    """A BN -> ReLU -> pooling run whose BN normalizes with fixed statistics (``--search-bn fixed-below``):
+    one pass with :func:`kernels.fixed_affine` against PyTorch's inference-mode BN and the layers after it."""
+    generator = torch.Generator().manual_seed(5)
+    bn = batchnorm(4, 2, dtype)
+    layers = [bn, nn.ReLU()] + ({"avg": [nn.AvgPool2d(2)], "max": [nn.MaxPool2d(2)]}.get(pool, []))
+    (group,) = group_channel_ops(layers)
+    x = torch.randn(6, 4, 8, 8, generator=generator, dtype=dtype)
+    mean, variance = 0.3 * torch.randn(4, generator=generator, dtype=dtype), 0.5 + torch.rand(4, generator=generator, dtype=dtype)
+    want = F.batch_norm(x, mean, variance, bn.weight, bn.bias, False, 0.0, bn.eps)
+    for layer in layers[1:]:
+        want = layer(want)
+    got = kernels.channel_ops(x, group, affine=kernels.fixed_affine(bn, mean, variance))
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol)

@@ -352,23 +352,25 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
-def channel_ops(x: torch.Tensor, ops, buffer=None, combine_moments=None, moments=None) -> torch.Tensor:
+def channel_ops(x: torch.Tensor, ops, buffer=None, combine_moments=None, moments=None, affine=None) -> torch.Tensor:
     """Run a :class:`rso.engines.plan.ChannelOps` group (BN with batch statistics, ReLU, pooling) on the
     (N, C, H, W) tensor ``x``; returns a channels-last (N, C, H', W') tensor. Same values as the PyTorch
     layers up to rounding. ``buffer(shape)``, when given, supplies the (channels-last) output tensor.
     ``combine_moments(count, mean, variance)``, when given, turns this process's BN statistics into the whole
     chunk's (:meth:`rso.distributed.World.combine_moments`). ``moments``: this process's ``(sums, shift,
-    count)`` when already computed (by :func:`batch_moments` or a fused kernel); the moments pass is skipped."""
-    return channel_ops_many([x], ops, None if buffer is None else [buffer], combine_moments, [moments])[0]
+    count)`` when already computed (by :func:`batch_moments` or a fused kernel); the moments pass is skipped.
+    ``affine``: the BN's per-channel ``(scale, bias)`` when its statistics are fixed (:func:`fixed_affine`)."""
+    return channel_ops_many([x], ops, None if buffer is None else [buffer], combine_moments, [moments],
+                            None if affine is None else [affine])[0]
 
 
 def channel_ops_many(xs: list[torch.Tensor], ops, buffers=None, combine_moments=None,
-                     moments=None) -> list[torch.Tensor]:
+                     moments=None, affines=None) -> list[torch.Tensor]:
     """:func:`channel_ops` on tensors of one shape (a visit's candidates) with one ``combine_moments`` call
     for all of them: with several workers, one collective for the candidates instead of one each. Each
     result is what :func:`channel_ops` gives it alone (the reduction is elementwise)."""
     moments = moments if moments is not None else [None] * len(xs)
-    if ops.batchnorm is not None:
+    if ops.batchnorm is not None and affines is None:
         stats = [given if given is not None else batch_moments(x) for x, given in zip(xs, moments)]
         affines = batchnorm_affines(ops.batchnorm, stats, combine_moments=combine_moments)
     outs = []
@@ -386,6 +388,18 @@ def channel_ops_many(xs: list[torch.Tensor], ops, buffers=None, combine_moments=
                           _nhwc(out).numpy())
         outs.append(out)
     return outs
+
+
+def fixed_affine(layer, mean: torch.Tensor, variance: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """BN ``layer`` with fixed statistics as per-channel ``x * scale + bias`` (float64), for :func:`channel_ops`."""
+    mean, variance = mean.detach().cpu().double().numpy(), variance.detach().cpu().double().numpy()
+    scale = 1.0 / np.sqrt(variance + layer.eps)
+    if layer.weight is not None:
+        scale = scale * layer.weight.detach().cpu().double().numpy()
+    bias = -mean * scale
+    if layer.bias is not None:
+        bias = bias + layer.bias.detach().cpu().double().numpy()
+    return scale, bias
 
 
 def batch_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
