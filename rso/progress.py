@@ -43,15 +43,12 @@ ELEMENT_COST = 4.0
 # was 0.7 before the fills got faster (38%/55% with it now). A live run is the independent check (README).
 VISIT_WORK_SCALE = 1.2
 # With ``--search-bn fixed-below`` (the authors' BN handling) and several workers, a sweep's cache fill runs the
-# layers below in inference mode, without the per-chunk BN collectives a chunk-statistics fill needs at every BN
-# layer: it costs this fraction of the chunk-statistics fill. Measured on the sweeps that are mostly cache fill
-# (the output layer's and the BN layers', setup 78-97% of the modelled work), 2 workers, batch 5000: 5.4-6.7 s in
-# cycles 4-5 of the paper run (results/paper/run/log.txt) against 9.7-11.6 s in the bench's fast_2 rows
-# (results/bench/bench.json at 759485e), a ratio of 0.55-0.64. In one process there are no collectives and the
-# two fills cost the same: the same sweeps of a 1-process run at batch 500 took 1.03-1.19x the chunk-statistics
-# run's (``python -m experiments.eta_check --train-subset 6000 --batch-size 500``, with and without
-# ``--preset authors``).
-FIXED_BELOW_SETUP = 0.6
+# layers below in inference mode, without the per-chunk BN collectives a chunk-statistics fill needs. When those
+# collectives took a float64 copy and a var_mean (before be503bb) that made the fill cost 0.55-0.64 of the
+# chunk-statistics one; now both cost the same: in 2-worker paper6 runs at batch 5000 (commit c2a8450) the BN
+# layers' sweeps took 4.7 and 5.1 s with the authors' preset against 4.8 and 4.5 s with chunk statistics
+# (results/progress/paper6_b5000_2workers_log.txt and paper6_authors_first_sweeps_log.txt, 15.bias/15.weight).
+FIXED_BELOW_SETUP = 1.0
 
 
 # An evaluation after a sweep (BN recalibration over --bn-samples, then the test set) runs on rank 0 alone, with
