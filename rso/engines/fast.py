@@ -252,8 +252,9 @@ class FastEngine(ScoringEngine):
     def _forward(self, layers, x: torch.Tensor) -> torch.Tensor:
         """``layers`` on ``x`` (BN on the chunk's statistics, or the fixed ones). On the numba path each
         BN -> ReLU -> pooling run is :func:`rso.engines.kernels.channel_ops` (two passes instead of three or
-        four; one with fixed BN statistics) and the convolutions run channels-last: a cache fill of paper6 at batch 5000 took 0.53 s instead
-        of 0.91 s. The values are the PyTorch layers' up to rounding."""
+        four; one with fixed BN statistics) and the convolutions run channels-last: the sweeps of paper6's BN
+        layers, mostly cache fill, took 0.6-0.9x the time in the bench (results/bench, one worker). The values
+        are the PyTorch layers' up to rounding."""
         if not (self._numba_path and x.dim() == 4):
             for layer in layers:
                 x = layer(x)
