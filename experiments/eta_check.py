@@ -128,7 +128,8 @@ LOGGED_SWEEP = re.compile(r"^(\d\d):(\d\d):(\d\d) cycle \d+/\d+ \S+ .*s total\)"
 def logged(args) -> int:
     """A finished run's own ETAs: every sweep line of its ``log.txt`` ends with the ETA the run computed then
     (``eta H:MM:SS``); the actual remaining time is from that line's clock time to the last sweep line's. This
-    checks what a user of that run saw, with any number of workers (the bar's ETA is only on rank 0)."""
+    checks what a user of that run saw, with any number of workers (the bar's ETA is only on rank 0). A run that
+    was stopped and resumed counts the time in between as run time: check uninterrupted runs."""
     path = Path(args.log)
     if not path.is_file():
         raise SystemExit(f"error: no file {args.log} (a finished run's log.txt)")
@@ -147,6 +148,9 @@ def logged(args) -> int:
         etas.append(None if match is None else
                     (int(match.group(6) or 0) * 3600 + int(match.group(7)) * 60 + int(match.group(8)),
                      match.group(4), match.group(5)))
+    if etas and etas[-1] is not None:
+        raise SystemExit(f"error: {args.log} is not a finished run's log (its last sweep line still has an ETA); "
+                         "the actual remaining time is only known once the run has ended")
     if len(times) < 3 or not any(etas[:-1]):
         raise SystemExit(f"error: {args.log} has fewer than 3 sweep lines with an ETA ('... s total) eta H:MM:SS'); "
                          "it needs a finished run logged by this version")

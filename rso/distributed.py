@@ -130,8 +130,10 @@ class World:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
         mean, variance, count = local_moments(x)
         mean, variance = self.combine_moments(count, mean, variance)
-        mean = torch.as_tensor(mean, dtype=torch.float64).to(x.device, x.dtype)
-        variance = torch.as_tensor(variance, dtype=torch.float64).to(x.device, x.dtype)
+        # half-precision inputs (autocast's suffix) normalize with float32 statistics, as their BN parameters are
+        stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        mean = torch.as_tensor(mean, dtype=torch.float64).to(x.device, stat)
+        variance = torch.as_tensor(variance, dtype=torch.float64).to(x.device, stat)
         return F.batch_norm(x, mean, variance, weight, bias, False, 0.0, eps)
 
     @contextlib.contextmanager
@@ -200,7 +202,7 @@ def local_moments(x: torch.Tensor):
     the count per channel."""
     from rso.engines import kernels
 
-    if x.device.type == "cpu" and kernels.available():
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and kernels.available():
         return kernels.moments(x)
     dims = [0] + list(range(2, x.dim()))
     variance, mean = torch.var_mean(x.to(torch.float64), dim=dims, unbiased=False)

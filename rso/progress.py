@@ -53,11 +53,14 @@ FIXED_BELOW_SETUP = 1.0
 
 # An evaluation after a sweep (BN recalibration over --bn-samples, then the test set) runs on rank 0 alone, with
 # PyTorch's layers rather than the engine's numba passes, while the other workers wait. Per example it costs about
-# this many sample-equivalents of one worker's cache fill. Measured in a 2-worker paper6 run at batch 5000, commit
-# e7fef04, stopped after its first sweep (results/progress/paper6_first_sweep_e7fef04_log.txt): the sweep took
-# 6.1 s and its line came 10 s after the start, so the evaluation of 20,000 examples took about 3.9 s, 0.19 ms an
-# example, where the bench's 2-worker fill of 60,000 examples takes 4.2 s (0.14 ms an example per worker). With N
-# workers the fill is split N ways and the evaluation is not: see :func:`evaluation_work`.
+# this many sample-equivalents of one worker's cache fill. Two measurements: in one process, a plain forward pass of
+# paper6 at batch 5000 took 0.91 s against 0.53 s for the engine's fill of the same examples (1.7, timed by hand
+# with keep_freed_memory in effect); in a 2-worker run at batch 5000, commit e7fef04, stopped after its first sweep
+# (results/progress/paper6_first_sweep_e7fef04_log.txt), the sweep took 6.1 s and its line came 10 s after the
+# start, so the evaluation of 20,000 examples took about 3.9 s, 0.19 ms an example, where the bench's 2-worker fill
+# of 60,000 examples takes 4.2 s, 0.14 ms an example per worker (1.4). The live ETA check (README) ran with 1.7; at
+# 1.4 each evaluation's prediction would be about 0.8 s shorter. With N workers the fill is split N ways and the
+# evaluation is not: see :func:`evaluation_work`.
 EVALUATION_COST = 1.7
 
 

@@ -133,6 +133,44 @@ def test_reductions_of_a_world_of_one_are_the_identity():
     assert world.share(rows) is rows
 
 
+class _TwoRanksHere(distributed.World):
+    """Rank 0 of 2 whose other rank holds a copy of its share: the reductions double the count and keep the
+    moments, so the chunk's BN statistics are this share's own (the several-worker code path, in one process)."""
+
+    def __init__(self):
+        super().__init__(0, 2)
+
+    def combine_moments(self, count, mean, variance):
+        return mean, variance
+
+
+@pytest.mark.parametrize("dtype, layout", [(torch.float64, "nchw"), (torch.float32, "channels_last"),
+                                           (torch.float32, "2d"), (torch.bfloat16, "nchw")])
+def test_a_workers_batch_norm_equals_one_process(dtype, layout):
+    """World.batch_norm with several ranks (this rank's moments, combined, then inference-form BN) against
+    F.batch_norm's training form, in float64, float32, channels-last, (N, C), and bfloat16 (autocast's suffix,
+    whose BN parameters stay float32)."""
+    generator = torch.Generator().manual_seed(4)
+    shape = (6, 5) if layout == "2d" else (6, 5, 7, 7)
+    x = (3.0 + torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(5, generator=generator, dtype=torch.float64) + 0.5
+    bias = torch.randn(5, generator=generator, dtype=torch.float64)
+    parameters = torch.float32 if dtype == torch.bfloat16 else dtype
+    weight, bias = weight.to(parameters), bias.to(parameters)
+    got = _TwoRanksHere().batch_norm(x, weight, bias, 1e-3)
+    want = torch.nn.functional.batch_norm(x.to(parameters), None, None, weight, bias, True, 0.0, 1e-3)
+    assert got.dtype == dtype and got.shape == x.shape
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got.to(parameters), want, rtol=tolerance, atol=tolerance)
+
+
+def test_a_worker_without_examples_contributes_no_moments():
+    mean, variance, count = distributed.local_moments(torch.empty(0, 4, 3, 3))
+    assert count == 0 and not torch.as_tensor(mean).isnan().any() and not torch.as_tensor(variance).isnan().any()
+
+
 def test_shares_cover_a_chunk_once():
     rows = torch.arange(17)
     for size in (1, 2, 3, 5):

@@ -407,6 +407,8 @@ def batch_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
     ``x - shift`` and of its square over the examples and pixels (see :func:`_channel_moments`). Read in the
     layout ``x`` has: a contiguous NCHW (or (N, C) / (N, C, L)) tensor is not copied to channels-last."""
     parts = numba.get_num_threads()
+    if x.shape[0] == 0 or x.numel() == 0:   # a worker with no example of this chunk: contributes nothing
+        return np.zeros((parts, 2, x.shape[1]), np.float64), np.zeros(x.shape[1], np.float64), 0
     if x.dim() >= 3 and x.is_contiguous():
         rows = x.detach().reshape(x.shape[0], x.shape[1], -1)
         if rows.shape[2] > 1 or x.shape[1] == 1:
@@ -426,7 +428,7 @@ def moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-channel (mean, biased variance) in float64 and the count per channel, of the (N, C, ...) tensor
     ``x``, in one pass (:func:`batch_moments`)."""
     sums, shift, count = batch_moments(x)
-    first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
+    first, second = sums[:, 0].sum(axis=0) / max(count, 1), sums[:, 1].sum(axis=0) / max(count, 1)
     return shift + first, np.maximum(second - first * first, 0.0), count
 
 
@@ -444,7 +446,7 @@ def batchnorm_affines(layer, stats: list, channel: int | None = None,
     ``combine_moments`` call for all of them (its reduction is elementwise: the same values as one call each)."""
     means, variances = [], []
     for sums, shift, count in stats:
-        first, second = sums[:, 0].sum(axis=0) / count, sums[:, 1].sum(axis=0) / count
+        first, second = sums[:, 0].sum(axis=0) / max(count, 1), sums[:, 1].sum(axis=0) / max(count, 1)
         means.append(shift + first)
         variances.append(np.maximum(second - first * first, 0.0))
     if combine_moments is not None:
