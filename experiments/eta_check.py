@@ -103,22 +103,29 @@ def replay(args) -> int:
                          "eta": round(eta, 1), "actual": round(actual, 1), "error": round(error, 4)})
         now[0] += seconds
         tracker.end_sweep()
+    report(args, rows, worst, f"eta_replay_{args.model}.csv",
+           f"{args.replay}: {logged} sweeps, {now[0]:.0f} s; {args.model}, batch {args.batch_size}, "
+           f"{args.train_examples} training examples")
+    return 0 if worst <= args.tolerance else 1
+
+
+def report(args, rows: list[dict], worst: float, name: str, heading: str) -> None:
+    """Write the per-sweep rows (sweep, cycle, tensor, elapsed, eta, actual, error) to ``--out``/``name`` and
+    print them under ``heading``, then the largest error."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"eta_replay_{args.model}.csv"
+    path = out / name
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=["sweep", "cycle", "tensor", "elapsed", "eta", "actual", "error"])
         writer.writeheader()
         writer.writerows(rows)
-    print(f"{args.replay}: {logged} sweeps, {now[0]:.0f} s; {args.model}, batch {args.batch_size}, "
-          f"{args.train_examples} training examples")
+    print(heading)
     print(f"{'sweep':>5} {'cycle':>5} {'tensor':<12} {'at s':>8} {'ETA s':>8} {'actual s':>9} {'error':>7}")
     for row in rows:
         print(f"{row['sweep']:>5} {row['cycle']:>5} {row['tensor']:<12} {row['elapsed']:8.0f} {row['eta']:8.0f} "
               f"{row['actual']:9.0f} {row['error']:+7.1%}")
     print(f"after the first sweep, while {args.tail:.0%} of the run remains: largest |ETA - actual| / actual "
           f"{worst:.1%} (tolerance {args.tolerance:.0%}); {path}")
-    return 0 if worst <= args.tolerance else 1
 
 
 LOGGED_ETA = re.compile(r"^(\d\d):(\d\d):(\d\d) cycle (\d+)/\d+ (\S+) .*\) eta (?:(\d+):)?(\d\d):(\d\d)$")
@@ -168,20 +175,8 @@ def logged(args) -> int:
             worst = max(worst, abs(error))
         rows.append({"sweep": position, "cycle": int(cycle), "tensor": tensor, "elapsed": times[position] - times[0],
                      "eta": eta, "actual": actual, "error": round(error, 4)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "eta_log.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["sweep", "cycle", "tensor", "elapsed", "eta", "actual", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"{args.log}: {len(times)} sweep lines over {total} s (from the end of the first sweep)")
-    print(f"{'sweep':>5} {'cycle':>5} {'tensor':<12} {'at s':>8} {'ETA s':>8} {'actual s':>9} {'error':>7}")
-    for row in rows:
-        print(f"{row['sweep']:>5} {row['cycle']:>5} {row['tensor']:<12} {row['elapsed']:8.0f} {row['eta']:8.0f} "
-              f"{row['actual']:9.0f} {row['error']:+7.1%}")
-    print(f"after the first sweep, while {args.tail:.0%} of the run remains: largest |ETA - actual| / actual "
-          f"{worst:.1%} (tolerance {args.tolerance:.0%}); {csv_path}")
+    report(args, rows, worst, "eta_log.csv",
+           f"{args.log}: {len(times)} sweep lines over {total} s (from the end of the first sweep)")
     return 0 if rows and worst <= args.tolerance else 1
 
 

@@ -294,16 +294,15 @@ class SweepProgress:
         """Seconds left: the rest of this sweep and every sweep after it, at their predicted times."""
         predictions = {name: self.predicted(name) for name in self.order}
         current = self._current_sweep_left(predictions[self.order[self.index]])
-        if current is None or any(value is None for value in predictions.values()):
-            return None
-        rest_of_cycle = sum(predictions[other] for other in self.order[self.index + 1:])
-        return current + rest_of_cycle + (self.cycles - self.cycle - 1) * sum(predictions.values())
+        after = self.eta_after_sweep(predictions)
+        return None if current is None or after is None else current + after
 
-
-    def eta_after_sweep(self) -> float | None:
-        """Seconds left once the running sweep is over (call after :meth:`end_sweep`): every sweep after it,
-        at its predicted time. What a sweep's log line reports."""
-        predictions = {name: self.predicted(name) for name in self.order}
+    def eta_after_sweep(self, predictions: dict[str, float | None] | None = None) -> float | None:
+        """Seconds left once the running sweep is over: every sweep after it, at its predicted time (after
+        :meth:`end_sweep`, what a sweep's log line reports). ``predictions``: :meth:`predicted` of every
+        tensor, when the caller has them."""
+        if predictions is None:
+            predictions = {name: self.predicted(name) for name in self.order}
         if any(value is None for value in predictions.values()):
             return None
         rest_of_cycle = sum(predictions[other] for other in self.order[self.index + 1:])

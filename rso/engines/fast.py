@@ -267,8 +267,7 @@ class FastEngine(ScoringEngine):
             elif isinstance(group, ChannelOps):   # BN with fixed statistics (--search-bn fixed-below)
                 x = channel_ops(x, group, affine=fixed_affine(group.batchnorm, *self.fixed[group.batchnorm]))
             elif isinstance(group, nn.Conv2d):
-                x = F.conv2d(x.contiguous(memory_format=torch.channels_last), group.weight, group.bias, group.stride,
-                             group.padding, group.dilation, group.groups)
+                x = self._suffix_layer(group, x)
             else:
                 x = group(x)
         return x
@@ -512,20 +511,24 @@ class FastEngine(ScoringEngine):
 
         One candidate at a time, so only one copy of the next layer's output is alive (memory).
         """
-        moments = None
-        if self._fused_pool is not None:   # the next conv's pass also sums the moments of the BN after it
-            from rso.engines import fused
-            next_output = self._buffer("next", state.next_output.shape)
-            moments = fused.next_conv(state.next_output, out[:, k:k + 1], state.in_next, self.plan.next_layer,
-                                      channel, next_output, self._fused_pool)
-        else:
-            next_output = self._through_next(state.next_output, state.in_next, out[:, k:k + 1], channel,
-                                             offset, size)[0]
+        next_output, moments = self._next_output(state, out, k, channel, offset, size)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.suffix_precision == "bfloat16"
                     else torch.autocast(self.device.type, enabled=False))
         with autocast:
             logits = self._run_suffix(next_output, moments)
         return summed_cross_entropy(logits, state.labels).item()
+
+    def _next_output(self, state: _Chunk, out: torch.Tensor, k: int, channel: int, offset: int, size: int,
+                     key: str = "next") -> tuple[torch.Tensor, tuple | None]:
+        """Candidate ``k``'s next-layer output (in the buffer ``key``) and, when the next conv's pass also sums
+        them, this process's moments of the BN after it."""
+        if self._fused_pool is not None:
+            from rso.engines import fused
+            next_output = self._buffer(key, state.next_output.shape)
+            return next_output, fused.next_conv(state.next_output, out[:, k:k + 1], state.in_next,
+                                                self.plan.next_layer, channel, next_output, self._fused_pool)
+        return self._through_next(state.next_output, state.in_next, out[:, k:k + 1], channel, offset, size,
+                                  key=key)[0], None
 
     def _candidate_losses(self, state: _Chunk, out: torch.Tensor, ks: list[int], channel: int, offset: int,
                           size: int) -> list[float]:
@@ -533,20 +536,8 @@ class FastEngine(ScoringEngine):
         of the suffix reduces the candidates' statistics over the workers in one collective, not one each.
         Same arithmetic per candidate; holds one copy of each suffix tensor per candidate (used with several
         workers only, where a collective's wait costs more than the memory)."""
-        moments, xs = [], []
-        for k in ks:
-            key = f"next{k}"
-            if self._fused_pool is not None:
-                from rso.engines import fused
-                next_output = self._buffer(key, state.next_output.shape)
-                moments.append(fused.next_conv(state.next_output, out[:, k:k + 1], state.in_next,
-                                               self.plan.next_layer, channel, next_output, self._fused_pool))
-            else:
-                next_output = self._through_next(state.next_output, state.in_next, out[:, k:k + 1], channel,
-                                                 offset, size, key=key)[0]
-                moments.append(None)
-            xs.append(next_output)
-        logits = self._run_suffixes(xs, moments, ks)
+        xs, moments = zip(*(self._next_output(state, out, k, channel, offset, size, key=f"next{k}") for k in ks))
+        logits = self._run_suffixes(list(xs), list(moments), ks)
         return [summed_cross_entropy(x, state.labels).item() for x in logits]
 
     def _run_suffixes(self, xs: list[torch.Tensor], moments: list, ks: list[int]) -> list[torch.Tensor]:
@@ -564,21 +555,21 @@ class FastEngine(ScoringEngine):
         return xs
 
     def _suffix_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One layer of the suffix that is not a fused channel group, on a tensor the caller may not own."""
+        """One layer of the suffix that is not a fused channel group, on a tensor the caller may not own:
+        convolutions channels-last (about twice the rate of NCHW for 16-channel 3x3 convs on CPU; the same
+        values up to rounding), BN on this batch's statistics over every worker's share."""
         if isinstance(layer, nn.Conv2d):
             return F.conv2d(x.contiguous(memory_format=torch.channels_last), layer.weight, layer.bias,
-                            layer.stride, layer.padding, layer.dilation)
+                            layer.stride, layer.padding, layer.dilation, layer.groups)
         if isinstance(layer, BATCHNORMS):
             return self.world.batch_norm(x, layer.weight, layer.bias, layer.eps)
+        if isinstance(layer, nn.ReLU):
+            return F.relu(x)    # never in place, whatever the module says: x may be a cache
         return layer(x)
 
     def _run_suffix(self, x: torch.Tensor, moments=None) -> torch.Tensor:
-        """The layers after the next linear layer, BN on this batch's statistics; ``x`` is left unchanged.
-        ``moments``: those of the first BN's input, when the next conv's pass computed them.
-
-        Convolutions run in channels-last layout (about twice the rate of NCHW for 16-channel 3x3 convs on
-        CPU); the values are the same up to rounding.
-        """
+        """The layers after the next linear layer (:meth:`_suffix_layer`); ``x`` is left unchanged.
+        ``moments``: those of the first BN's input, when the next conv's pass computed them."""
         owned = False   # x may be modified in place once it is a tensor of our own
         for position, layer in enumerate(self._suffix):
             if isinstance(layer, ChannelOps):
@@ -591,18 +582,9 @@ class FastEngine(ScoringEngine):
             if isinstance(layer, nn.ReLU) and owned:
                 x = F.relu_(x)
                 continue
-            if isinstance(layer, nn.ReLU):
-                x = F.relu(x)
-            elif isinstance(layer, nn.Conv2d):
-                x = F.conv2d(x.contiguous(memory_format=torch.channels_last), layer.weight, layer.bias,
-                             layer.stride, layer.padding, layer.dilation)
-            elif isinstance(layer, BATCHNORMS):
-                x = self.world.batch_norm(x, layer.weight, layer.bias, layer.eps)
-            else:
-                x = layer(x)    # pooling makes a new tensor, Flatten/Identity a view of the same ownership
-                owned = owned or not isinstance(layer, (nn.Flatten, nn.Identity))
-                continue
-            owned = True
+            x = self._suffix_layer(layer, x)
+            # ReLU, conv, BN and pooling make a new tensor; Flatten/Identity a view of the same ownership
+            owned = owned or not isinstance(layer, (nn.Flatten, nn.Identity))
         return x
 
     # ------------------------------------------------------------------------------------------ interface

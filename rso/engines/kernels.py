@@ -373,13 +373,13 @@ def channel_ops_many(xs: list[torch.Tensor], ops, buffers=None, combine_moments=
     if ops.batchnorm is not None and affines is None:
         stats = [given if given is not None else batch_moments(x) for x, given in zip(xs, moments)]
         affines = batchnorm_affines(ops.batchnorm, stats, combine_moments=combine_moments)
+    pool = POOL_CODES[ops.pool]
     outs = []
     for position, x in enumerate(xs):
         source = _nhwc(x)
         n, height, width, c = source.shape
         array = source.numpy()
         scale, bias = affines[position] if ops.batchnorm is not None else (np.ones(c), np.zeros(c))
-        pool = POOL_CODES[ops.pool]
         shape = {0: (n, height, width, c), 3: (n, 1, 1, c), 4: (n, 1, 1, c)}.get(pool, (n, height // 2, width // 2, c))
         shape = (shape[0], shape[3], shape[1], shape[2])
         out = (buffers[position](shape) if buffers is not None else
@@ -393,13 +393,7 @@ def channel_ops_many(xs: list[torch.Tensor], ops, buffers=None, combine_moments=
 def fixed_affine(layer, mean: torch.Tensor, variance: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """BN ``layer`` with fixed statistics as per-channel ``x * scale + bias`` (float64), for :func:`channel_ops`."""
     mean, variance = mean.detach().cpu().double().numpy(), variance.detach().cpu().double().numpy()
-    scale = 1.0 / np.sqrt(variance + layer.eps)
-    if layer.weight is not None:
-        scale = scale * layer.weight.detach().cpu().double().numpy()
-    bias = -mean * scale
-    if layer.bias is not None:
-        bias = bias + layer.bias.detach().cpu().double().numpy()
-    return scale, bias
+    return _scale_bias(mean, variance, layer.eps, *_bn_parameters(layer))
 
 
 def batch_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
@@ -428,8 +422,31 @@ def moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-channel (mean, biased variance) in float64 and the count per channel, of the (N, C, ...) tensor
     ``x``, in one pass (:func:`batch_moments`)."""
     sums, shift, count = batch_moments(x)
+    return (*_mean_variance(sums, shift, count), count)
+
+
+def _mean_variance(sums: np.ndarray, shift: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, biased variance) from :func:`batch_moments`' sums (zeros for a count of 0: no examples)."""
     first, second = sums[:, 0].sum(axis=0) / max(count, 1), sums[:, 1].sum(axis=0) / max(count, 1)
-    return shift + first, np.maximum(second - first * first, 0.0), count
+    return shift + first, np.maximum(second - first * first, 0.0)
+
+
+def _bn_parameters(layer, part=slice(None)) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """BN ``layer``'s (weight, bias) in float64, entries ``part``; ``None`` where it has none."""
+    weight = None if layer.weight is None else layer.weight.detach().cpu().double().numpy()[part]
+    bias = None if layer.bias is None else layer.bias.detach().cpu().double().numpy()[part]
+    return weight, bias
+
+
+def _scale_bias(mean, variance, eps: float, weight, bias_term) -> tuple[np.ndarray, np.ndarray]:
+    """Normalization by (mean, variance), then the affine (weight, bias), as one ``x * scale + bias``."""
+    scale = 1.0 / np.sqrt(variance + eps)
+    if weight is not None:
+        scale = scale * weight
+    bias = -mean * scale
+    if bias_term is not None:
+        bias = bias + bias_term
+    return scale, bias
 
 
 def batchnorm_affine(layer, sums: np.ndarray, shift: np.ndarray, count: int,
@@ -444,11 +461,7 @@ def batchnorm_affines(layer, stats: list, channel: int | None = None,
                       combine_moments=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`batchnorm_affine` for several ``(sums, shift, count)`` of one count, with one
     ``combine_moments`` call for all of them (its reduction is elementwise: the same values as one call each)."""
-    means, variances = [], []
-    for sums, shift, count in stats:
-        first, second = sums[:, 0].sum(axis=0) / max(count, 1), sums[:, 1].sum(axis=0) / max(count, 1)
-        means.append(shift + first)
-        variances.append(np.maximum(second - first * first, 0.0))
+    means, variances = map(list, zip(*(_mean_variance(*stat) for stat in stats)))
     if combine_moments is not None:
         counts = {count for _, _, count in stats}
         if len(counts) != 1:
@@ -456,19 +469,8 @@ def batchnorm_affines(layer, stats: list, channel: int | None = None,
         sizes = np.cumsum([len(mean) for mean in means])[:-1]
         mean, variance = combine_moments(counts.pop(), np.concatenate(means), np.concatenate(variances))
         means, variances = np.split(np.asarray(mean), sizes), np.split(np.asarray(variance), sizes)
-    part = slice(None) if channel is None else channel
-    weight = None if layer.weight is None else layer.weight.detach().cpu().double().numpy()[part]
-    bias_term = None if layer.bias is None else layer.bias.detach().cpu().double().numpy()[part]
-    affines = []
-    for mean, variance in zip(means, variances):
-        scale = 1.0 / np.sqrt(variance + layer.eps)
-        if weight is not None:
-            scale = scale * weight
-        bias = -mean * scale
-        if bias_term is not None:
-            bias = bias + bias_term
-        affines.append((scale, bias))
-    return affines
+    parameters = _bn_parameters(layer, slice(None) if channel is None else channel)
+    return [_scale_bias(mean, variance, layer.eps, *parameters) for mean, variance in zip(means, variances)]
 
 
 def add_one_channel_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, channel: int,
