@@ -315,14 +315,15 @@ def conv_floor(name: str, batch_size: int, device: torch.device, dtype: torch.dt
                repeats: int = 3) -> dict:
     """The least time a fast-engine cycle of ``name`` can take here, one worker: the convolutions that every
     candidate of every visit must run, each timed now at this machine's rate for its own shape (one thread,
-    the faster of NCHW and channels-last), and nothing else (no BN, pooling, losses, Python or collectives).
+    the faster of NCHW and channels-last; a conv that a 2x2 average pooling follows folded with it, as the
+    engine runs it), and nothing else (no BN, pooling, losses, Python or collectives).
 
     A visit changes one channel of the searched layer's output, so the next conv or linear layer sees one
     changed input channel (its work divided by its input channels) and every conv after it sees a change in
     every channel: those run in full, for each of the ``candidates`` (3: candidate 0 is recomputed too, as
     the fast engine does unless the chunk's current loss is still known, and always under weight decay).
     Linear layers are left out (a dense head is a few hundred multiply-adds per example)."""
-    from rso.engines.plan import plan_sweep
+    from rso.engines.plan import PooledConv, _foldable, plan_sweep
 
     model = build_model(name).to(device, dtype).eval()
     layers = list(model)
@@ -334,9 +335,8 @@ def conv_floor(name: str, batch_size: int, device: torch.device, dtype: torch.dt
     for handle in handles:
         handle.remove()
     size = min(batch_size, 2000)     # examples per timed call: large enough for the per-example rate
-    per_example: dict[int, float] = {}
-    for i, shape in inputs.items():
-        conv = layers[i]
+
+    def seconds_per_example(conv, shape) -> float:
         x = torch.randn(size, *shape, device=device, dtype=dtype)
         best = float("inf")
         for layout in (torch.contiguous_format, torch.channels_last):
@@ -349,16 +349,25 @@ def conv_floor(name: str, batch_size: int, device: torch.device, dtype: torch.dt
                     sync(device)
                     if attempt:      # the first call warms up
                         best = min(best, time.perf_counter() - start)
-        per_example[i] = best / size
+        return best / size
+    # a conv in full (the suffix) runs as the engine runs it: folded with a 2x2 average pooling after it
+    per_example: dict[int, float] = {}
+    in_full: dict[int, float] = {}
+    for i, shape in inputs.items():
+        per_example[i] = seconds_per_example(layers[i], shape)
+        in_full[i] = per_example[i]
+        if i + 1 < len(layers) and _foldable(layers[i], layers[i + 1]):
+            in_full[i] = seconds_per_example(PooledConv(layers[i]), shape)
     per_tensor = {}
     for target in visit_order(model):
         plan = plan_sweep(model, target)
         seconds = 0.0
         if plan.next_layer is not None and plan.next_index in per_example:
             seconds += per_example[plan.next_index] / plan.next_layer.in_channels
-        seconds += sum(per_example.get(i, 0.0) for i in range(plan.next_index + 1, len(layers)))
+        seconds += sum(in_full.get(i, 0.0) for i in range(plan.next_index + 1, len(layers)))
         per_tensor[target.name] = target.numel * candidates * batch_size * seconds
     return {"candidates": candidates, "conv_s_per_example": {str(i): v for i, v in per_example.items()},
+            "pooled_conv_s_per_example": {str(i): in_full[i] for i in in_full if in_full[i] != per_example[i]},
             "per_tensor_s": per_tensor, "cycle_s": sum(per_tensor.values())}
 
 

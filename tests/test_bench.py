@@ -56,11 +56,16 @@ def test_bench_quick_oneconv(tmp_path, monkeypatch, capsys, data_dir):
 
 def test_the_convolution_floor_counts_the_convs_after_the_next_layer():
     """paper6: a visit to conv k runs conv k+1 on one input channel and every conv after it in full, for each
-    of 3 candidates; the layers next to the output need no convolution at all."""
+    of 3 candidates (a conv before an average pooling folded with it); the layers next to the output need no
+    convolution at all."""
     floor = bench.conv_floor("paper6", 100, torch.device("cpu"), torch.float32, repeats=1)
     per_tensor, conv = floor["per_tensor_s"], {int(k): v for k, v in floor["conv_s_per_example"].items()}
     assert sorted(conv) == [0, 3, 7, 10, 14, 17] and all(value > 0 for value in conv.values())
     assert per_tensor["21.weight"] == per_tensor["17.weight"] == per_tensor["18.bias"] == 0.0
-    assert per_tensor["3.weight"] == pytest.approx(2304 * 3 * 100 * (conv[7] / 16 + conv[10] + conv[14] + conv[17]))
-    assert per_tensor["1.bias"] == pytest.approx(16 * 3 * 100 * (conv[3] / 16 + conv[7] + conv[10] + conv[14] + conv[17]))
+    # conv3 and conv10 run in full folded with the average pooling after them (plan.PooledConv), as the engine does
+    pooled = {int(k): v for k, v in floor["pooled_conv_s_per_example"].items()}
+    assert sorted(pooled) == [3, 10] and all(value > 0 for value in pooled.values())
+    assert per_tensor["3.weight"] == pytest.approx(2304 * 3 * 100 * (conv[7] / 16 + pooled[10] + conv[14] + conv[17]))
+    assert per_tensor["1.bias"] == pytest.approx(16 * 3 * 100 * (conv[3] / 16 + conv[7] + pooled[10] + conv[14] + conv[17]))
+    assert per_tensor["0.weight"] == pytest.approx(144 * 3 * 100 * (conv[3] / 16 + conv[7] + pooled[10] + conv[14] + conv[17]))
     assert floor["cycle_s"] == pytest.approx(sum(per_tensor.values()))

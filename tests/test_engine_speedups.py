@@ -236,6 +236,37 @@ def test_a_step_added_without_padding_equals_the_padded_basis(padding, kernel, d
         assert torch.equal(running, want), index
 
 
+@pytest.mark.parametrize("padding, kernel", [((1, 1), 3), ((0, 0), 3), ((2, 1), 3), ((1, 1), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_steps_added_in_one_pass_equal_adding_them_one_at_a_time(padding, kernel, dtype):
+    """The numba pass that adds a chunk's pending steps at once (fused.add_shifted_steps, via _plus_steps)
+    against _plus_step one step after another: bit for bit, for runs of 1..9 steps over every tap of the kernel
+    and several input channels (a tap whose shift leaves the image adds nothing), into a new tensor."""
+    pytest.importorskip("numba")
+    generator = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(3, 2, kernel, padding=padding, bias=False).to(dtype)
+    engine = _FastEngine()
+    engine.layer, engine._per_channel, engine._shifted_basis = conv, 3 * kernel * kernel, True   # as begin_sweep
+    engine._numba_path = True
+    engine.target = type("Target", (), {"kind": "weight"})()
+    inputs = torch.randn(5, 3, 6, 7, generator=generator, dtype=dtype)
+    out_h, out_w = 6 + 2 * padding[0] - kernel + 1, 7 + 2 * padding[1] - kernel + 1
+    pre = torch.randn(5, 1, out_h, out_w, generator=generator, dtype=dtype)
+    indices = torch.randperm(2 * engine._per_channel, generator=generator).tolist()
+    for count in range(1, 10):
+        steps = [(index, torch.randn((), generator=generator, dtype=dtype)) for index in indices[:count]]
+        kept, want = pre.clone(), pre.clone()
+        for index, step in steps:
+            want = engine._plus_step(want, inputs, index, step)
+        got = engine._plus_steps(pre, inputs, steps)
+        assert got.data_ptr() != pre.data_ptr() and torch.equal(pre, kept)
+        assert torch.equal(got, want), count
+        engine._numba_path = False      # the PyTorch loop it falls back to: the same
+        assert torch.equal(engine._plus_steps(pre, inputs, steps), want)
+        engine._numba_path = True
+        indices = indices[count:] + indices[:count]
+
+
 @pytest.mark.parametrize("engine_name", ["fast", "prefix-cache"])
 def test_a_chunk_is_released_after_its_last_visit_of_the_sweep(engine_name, monkeypatch):
     """A BN sweep of 4 visits over 3 chunks (chunk j mod 3): chunks 1 and 2 are dropped right after their only

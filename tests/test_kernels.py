@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rso.engines import kernels
-from rso.engines.plan import ChannelOps, group_channel_ops
+from rso.engines.plan import ChannelOps, PooledConv, fold_pooled_convs, group_channel_ops
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -29,6 +29,37 @@ def batchnorm(channels: int, seed: int, dtype) -> nn.BatchNorm2d:
         layer.weight.copy_(1 + 0.5 * torch.randn(channels, generator=generator))
         layer.bias.copy_(0.5 * torch.randn(channels, generator=generator))
     return layer
+
+
+@pytest.mark.parametrize("size", [(14, 14), (7, 9), (6, 5)])
+@pytest.mark.parametrize("kernel, padding, bias", [(3, 1, False), (3, 0, True), (1, 0, True), (5, 2, False)])
+def test_a_conv_and_the_average_pooling_after_it_fold_into_one_strided_conv(size, kernel, padding, bias):
+    """PooledConv against avg_pool2d(conv2d(x)) in float64: the same output shape (odd sizes included: the
+    pooling drops the last row/column) and values to rounding; the layers are not changed."""
+    generator = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(4, 5, kernel, padding=padding, bias=bias).double()
+    with torch.no_grad():
+        conv.weight.normal_(generator=generator)
+        if bias:
+            conv.bias.normal_(generator=generator)
+    kept = conv.weight.detach().clone()
+    x = torch.randn(3, 4, *size, generator=generator, dtype=torch.float64)
+    want = F.avg_pool2d(conv(x), 2)
+    folded = PooledConv(conv)
+    got = folded(x.contiguous(memory_format=torch.channels_last))
+    assert got.shape == want.shape and tuple(folded.stride) == (2, 2) and folded.kernel_size == (kernel + 1,) * 2
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(conv.weight, kept) and not list(folded.children())
+
+
+def test_only_a_stride_1_conv_before_a_plain_2x2_average_pooling_folds():
+    conv, avg, relu, bn = nn.Conv2d(2, 2, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(), nn.BatchNorm2d(2)
+    folded = fold_pooled_convs([conv, avg, bn, relu, conv, relu, avg])
+    assert [type(layer) for layer in folded] == [PooledConv, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.ReLU, nn.AvgPool2d]
+    kept = [nn.Conv2d(2, 2, 3, stride=2), nn.AvgPool2d(2), nn.Conv2d(2, 2, 3, dilation=2), nn.AvgPool2d(2),
+            nn.Conv2d(2, 2, 3), nn.AvgPool2d(3), nn.Conv2d(2, 2, 3, padding="same"), nn.AvgPool2d(2),
+            nn.Conv2d(2, 2, 3), nn.MaxPool2d(2), nn.Conv2d(2, 2, 3, groups=2), nn.AvgPool2d(2)]
+    assert fold_pooled_convs(kept) == kept
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

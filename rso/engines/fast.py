@@ -28,10 +28,13 @@ per-visit loop. On CPU, numba kernels also feed the next conv its one-channel ch
 cached output, in place for a chunk's cache; for a candidate it also sums the moments of the BN after it,
 ``rso.engines.fused``) and run each BN -> ReLU -> pooling group of the suffix in two passes over a
 channels-last tensor (one when the moments came with the stencil). Everything else is PyTorch operators, so the same code runs on CUDA;
-``kernels="torch"`` selects that path on CPU too.
+``kernels="torch"`` selects that path on CPU too. In the suffix, a conv that a 2x2 average pooling follows runs
+as one stride-2 conv with the folded kernel (``plan.PooledConv``, equal up to rounding): paper6's conv3 then
+costs 0.4x, and conv1's sweep about 0.8x.
 
 Within a channel, a chunk's cached preactivation follows accepted changes by adding their steps (``P +=
-(v - w) * basis``, as a candidate is formed); only a move to another channel costs a one-channel convolution.
+(v - w) * basis``, as a candidate is formed; on the numba path all the steps pending for a chunk in one pass);
+only a move to another channel costs a one-channel convolution.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from torch import nn
 
 from rso.distributed import LOCAL, World
 from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, return_freed_memory, summed_cross_entropy
-from rso.engines.plan import ChannelOps, SweepPlan, group_channel_ops, plan_sweep, unsupported_reason
+from rso.engines.plan import (ChannelOps, SweepPlan, fold_pooled_convs, group_channel_ops, plan_sweep,
+                              unsupported_reason)
 from rso.search.visit import BATCHNORMS, SearchTarget
 
 KERNELS = ("auto", "numba", "torch")
@@ -155,7 +159,9 @@ class FastEngine(ScoringEngine):
                                and tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
                                and isinstance(layer.padding, tuple))
         spatial_suffix = isinstance(self.plan.next_layer, nn.Conv2d)
-        self._suffix = group_channel_ops(self.plan.suffix) if self._numba_path and spatial_suffix else list(self.plan.suffix)
+        # a conv that a 2x2 average pooling follows runs as one stride-2 conv (plan.PooledConv: 0.4x the time)
+        suffix = fold_pooled_convs(self.plan.suffix)
+        self._suffix = group_channel_ops(suffix) if self._numba_path and spatial_suffix else suffix
         self._fused_pool = self._moments_with_next_conv()
         # several workers, numba path, no autocast: the candidates run the suffix side by side (one collective
         # per BN for all of them); one process keeps one candidate at a time (less memory, nothing to gain)
@@ -202,11 +208,16 @@ class FastEngine(ScoringEngine):
         for a bias (basis 1)."""
         if self.target.kind != "weight":
             return None, (0, 0)
+        source, shift = self._tap(index)
+        return inputs[:, source:source + 1], shift
+
+    def _tap(self, index: int) -> tuple[int, tuple[int, int]]:
+        """A conv weight's (input channel, (row, column) shift of its basis)."""
         _, _, height, width = self.layer.weight.shape
         source, offset = divmod(index % self._per_channel, height * width)
         row, column = divmod(offset, width)
         pad_h, pad_w = self.layer.padding
-        return inputs[:, source:source + 1], (row - pad_h, column - pad_w)
+        return source, (row - pad_h, column - pad_w)
 
     def release(self, chunk: int) -> None:
         self.chunks.pop(chunk, None)
@@ -344,6 +355,19 @@ class FastEngine(ScoringEngine):
             out[:, :, y0:y1, x0:x1] += step * channel[:, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
         return out
 
+    def _plus_steps(self, pre: torch.Tensor, inputs: torch.Tensor, steps: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """``pre`` plus each ``(index, step)`` of ``steps`` in order, as :meth:`_plus_step` one at a time (the
+        same roundings), in a new tensor. On the numba path with a shifted basis, one pass over ``pre``
+        (``fused.add_shifted_steps``): a chunk catching up on the steps accepted since its last visit (about 8
+        at a conv1 visit) reads and writes its preactivation once, not once per step."""
+        if self._numba_path and self._shifted_basis and pre.is_contiguous() and inputs.is_contiguous():
+            from rso.engines import fused
+            taps = [(source, *shift) for source, shift in (self._tap(index) for index, _ in steps)]
+            return fused.add_shifted_steps(pre, inputs, taps, torch.stack([step for _, step in steps]))
+        for position, (index, step) in enumerate(steps):
+            pre = self._plus_step(pre, inputs, index, step, in_place=position > 0)
+        return pre
+
     def _basis(self, inputs: torch.Tensor, index: int) -> torch.Tensor | float:
         """d(preactivation of the changed channel) / d(element ``index``): (B, 1, ...) or 1."""
         if self.target.kind != "weight":
@@ -468,13 +492,10 @@ class FastEngine(ScoringEngine):
                 else:
                     # add the accepted steps to the cached preactivation, as score() does for a candidate
                     # (a fresh one-channel convolution costs far more at 28x28)
-                    pre, owned = state.preactivation, False    # the cached one may be aliased: copy once
-                    for change in pending:
-                        if change.channel == changed:
-                            pre = self._plus_step(pre, state.inputs, change.index, change.step, in_place=owned)
-                            owned = True
-                    state.preactivation = pre
-                    state.block_output = self._block(pre, changed, None)[0]
+                    # (the cached one may be aliased: copied once, then added to in place)
+                    steps = [(change.index, change.step) for change in pending if change.channel == changed]
+                    state.preactivation = self._plus_steps(state.preactivation, state.inputs, steps)
+                    state.block_output = self._block(state.preactivation, changed, None)[0]
             elif self.first_change[changed] >= state.synced:
                 # Q holds this channel as the sweep found it
                 self._flush(state)
@@ -654,7 +675,7 @@ class FastEngine(ScoringEngine):
                 if last[4] is not None:
                     state.preactivation = last[4][:, k:k + 1].clone()
                 else:   # the fused block did not form it: the same arithmetic as the candidate's
-                    state.preactivation = self._plus_step(state.preactivation, state.inputs, index, last[8][k])
+                    state.preactivation = self._plus_steps(state.preactivation, state.inputs, [(index, last[8][k])])
                 state.synced = len(self.log)
                 state.current_loss, state.loss_version = last[5][k].item(), len(self.log)
 

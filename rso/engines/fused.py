@@ -233,8 +233,32 @@ def _block_output(pre, inputs, unit, steps, row, column, pool_first, scale, bias
                                                             d * scale[k] + bias[k], e * scale[k] + bias[k], relu, pool)
 
 
+def _add_shifted_steps(pre, inputs, sources, rows, columns, steps, copy, out):
+    """``out = pre + steps[0] * basis_0 + steps[1] * basis_1 + ...``, added one step after another (the
+    roundings of adding them one at a time), basis j being input channel ``sources[j]`` shifted by
+    ``(rows[j], columns[j])`` (zero outside the input). ``copy``: ``out`` is not ``pre`` and starts as it."""
+    n, height, width = pre.shape
+    in_h, in_w = inputs.shape[2], inputs.shape[3]
+    for i in numba.prange(n):
+        plane = out[i]
+        if copy:
+            plane[:, :] = pre[i]
+        for j in range(steps.shape[0]):
+            dy, dx, step = rows[j], columns[j], steps[j]
+            x0, x1 = max(0, -dx), min(width, in_w - dx)
+            if x1 <= x0:
+                continue
+            channel = inputs[i, sources[j]]
+            for y in range(max(0, -dy), min(height, in_h - dy)):
+                target = plane[y, x0:x1]       # slices, not offset indices: LLVM vectorizes the row
+                source = channel[y + dy, x0 + dx:x1 + dx]
+                for x in range(x1 - x0):
+                    target[x] = target[x] + step * source[x]
+
+
 if numba is not None:
     from rso.engines.kernels import _relu_pool_window
+    _add_shifted_steps = numba.njit(cache=True, parallel=True)(_add_shifted_steps)
     _block_value = numba.njit(cache=True, inline="always")(_block_value)
     _block_input = numba.njit(cache=True, inline="always")(_block_input)
     _block_moments = numba.njit(cache=True, parallel=True)(_block_moments)
@@ -313,3 +337,19 @@ def _block_arrays(pre: torch.Tensor, inputs: torch.Tensor | None) -> tuple[np.nd
     if inputs is None:
         return source, np.zeros((1, 1, 1), source.dtype), True
     return source, inputs[:, 0].contiguous().numpy(), False
+
+
+def add_shifted_steps(pre: torch.Tensor, inputs: torch.Tensor, taps: list[tuple[int, int, int]],
+                      steps: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``pre`` (N, 1, H, W) plus each step times its shifted input channel, in one pass: ``taps`` holds
+    (input channel, row shift, column shift) per step, ``inputs`` is the searched conv's (N, C, H_in, W_in)
+    input (contiguous). Into ``out`` (may be ``pre``: in place) or a new tensor. Bit for bit the sum that
+    adding the steps one at a time gives (``FastEngine._plus_step``)."""
+    if not (pre.is_contiguous() and inputs.is_contiguous()):
+        raise ValueError("pre and inputs must be contiguous")
+    copy = out is None or out.data_ptr() != pre.data_ptr()
+    out = torch.empty_like(pre) if out is None else out
+    sources, rows, columns = (np.array(column, dtype=np.int64) for column in zip(*taps))
+    _add_shifted_steps(pre[:, 0].numpy(), inputs.numpy(), sources, rows, columns,
+                       steps.to(pre.dtype).numpy(), copy, out[:, 0].numpy())
+    return out

