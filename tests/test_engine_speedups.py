@@ -59,9 +59,9 @@ numba_only = pytest.mark.skipif(not __import__("rso.engines.kernels", fromlist=[
                                 reason="numba is not installed")
 
 
-def one_channel_change(dtype, kernel=3, padding=1, dilation=1, seed=1):
+def one_channel_change(dtype, kernel=3, padding=1, dilation=1, seed=1, stride=1):
     generator = torch.Generator().manual_seed(seed)
-    layer = nn.Conv2d(4, 6, kernel, padding=padding, dilation=dilation, bias=True).to(dtype)
+    layer = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, bias=True).to(dtype)
     inputs = torch.randn(7, 4, 10, 12, generator=generator, dtype=dtype)
     new = inputs[:, 2:3] + torch.randn(7, 1, 10, 12, generator=generator, dtype=dtype)
     new[:, :, ::2] = inputs[:, 2:3, ::2]          # unchanged pixels: zero change
@@ -75,11 +75,13 @@ def one_channel_change(dtype, kernel=3, padding=1, dilation=1, seed=1):
 
 @numba_only
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("kernel, padding, dilation", [(3, 1, 1), (3, 0, 1), (3, 2, 2), (1, 0, 1), ((3, 2), (0, 1), 1)])
-def test_next_conv_equals_torch_and_the_unfused_kernel(kernel, padding, dilation, dtype, rtol):
+@pytest.mark.parametrize("kernel, padding, dilation, stride", [(3, 1, 1, 1), (3, 0, 1, 1), (3, 2, 2, 1), (1, 0, 1, 1),
+                                                         ((3, 2), (0, 1), 1, 1), (4, 1, 1, 2), (3, 1, 1, 2)])
+def test_next_conv_equals_torch_and_the_unfused_kernel(kernel, padding, dilation, stride, dtype, rtol):
+    """Strides 1 and 2 (a conv folded with the pooling after it, plan.PooledConv, is stride 2)."""
     from rso.engines import fused, kernels
 
-    layer, base, new, old, expected = one_channel_change(dtype, kernel, padding, dilation)
+    layer, base, new, old, expected = one_channel_change(dtype, kernel, padding, dilation, stride=stride)
     assert fused.fits(layer)
     out = torch.empty_like(base)
     assert fused.next_conv(base, new, old, layer, 2, out) is None
@@ -135,7 +137,8 @@ def test_next_conv_rejects_layouts():
         fused.next_conv(base, new, old, layer, 2, torch.empty(base.shape, dtype=base.dtype))
     with pytest.raises(ValueError, match="not fused"):
         fused.next_conv(base, new, old, layer, 2, torch.empty_like(base), pool="max2")
-    assert not fused.fits(nn.Conv2d(2, 2, 3, stride=2)) and not fused.fits(nn.Conv2d(2, 2, 3, padding="same"))
+    assert fused.fits(nn.Conv2d(2, 2, 3, stride=2)) and not fused.fits(nn.Conv2d(2, 2, 3, padding="same"))
+    assert not fused.fits(nn.Conv2d(2, 2, 3, groups=2))
 
 
 @numba_only

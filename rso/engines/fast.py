@@ -42,7 +42,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,8 @@ from torch import nn
 
 from rso.distributed import LOCAL, World
 from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, return_freed_memory, summed_cross_entropy
-from rso.engines.plan import (ChannelOps, SweepPlan, fold_pooled_convs, group_channel_ops, plan_sweep,
-                              unsupported_reason)
+from rso.engines.plan import (ChannelOps, PooledConv, SweepPlan, _foldable, fold_pooled_convs, group_channel_ops,
+                              plan_sweep, unsupported_reason)
 from rso.search.visit import BATCHNORMS, SearchTarget
 
 KERNELS = ("auto", "numba", "torch")
@@ -105,6 +105,16 @@ class _Chunk:
     loss_version: int = -1
 
 
+def _fold_next_pooling(plan: SweepPlan) -> SweepPlan:
+    """``plan`` with its next layer folded with a 2x2 average pooling right after it (``plan.PooledConv``;
+    the pooling leaves the suffix): the next layer's cached output, each candidate's one-channel change and the
+    BN moments after it then cover a quarter of the pixels (paper6's conv1 and conv3 when the tensor below them
+    is searched). ``plan.layers`` and ``next_index`` stay the model's."""
+    if plan.next_layer is None or not plan.suffix or not _foldable(plan.next_layer, plan.suffix[0]):
+        return plan
+    return replace(plan, next_layer=PooledConv(plan.next_layer), suffix=plan.suffix[1:])
+
+
 class FastEngine(ScoringEngine):
     """Cached prefix, one-channel incremental deltas, full suffix per candidate; exact up to rounding.
 
@@ -138,7 +148,7 @@ class FastEngine(ScoringEngine):
         if reason is not None:
             raise ValueError(f"the fast engine cannot score this model: {reason}; use --engine reference or auto")
         super().begin_sweep(model, target, images, labels, partition, fixed)
-        self.plan: SweepPlan = plan_sweep(model, target)
+        self.plan: SweepPlan = _fold_next_pooling(plan_sweep(model, target))
         self.layer = self.plan.layers[self.plan.searched]
         self.start = target.parameter.detach().clone()     # the tensor as the sweep found it
         self.chunks: dict[int, _Chunk] = {}
@@ -255,7 +265,9 @@ class FastEngine(ScoringEngine):
     def _forward_to_next(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(input of the searched layer, output of the next linear layer) for the examples ``x``."""
         x = self._forward(self.plan.layers[:self.plan.searched], x)
-        y = self._forward(self.plan.layers[self.plan.searched:self.plan.next_index + 1], x)
+        plan = self.plan
+        upward = plan.layers[plan.searched:plan.next_index] + ([] if plan.next_layer is None else [plan.next_layer])
+        y = self._forward(upward, x)
         if self._numba_path and x.dim() == 4:
             x = x.contiguous()     # the one-channel passes read an input channel as a contiguous plane
         return x, y

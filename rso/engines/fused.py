@@ -23,8 +23,8 @@ from rso.engines.kernels import POOL_CODES, batchnorm_affine, numba
 FUSED_POOLS = ("none", "avg2")      # pooling between the next conv and its BN that the moments follow
 
 
-def _conv_example(base, new, old, weight, padding, dilation, i, padded, acc, out):
-    """``out[i] = base[i] + conv(new[i] - old[i])`` for a stride-1 conv, output channels innermost.
+def _conv_example(base, new, old, weight, stride, padding, dilation, i, padded, acc, out):
+    """``out[i] = base[i] + conv(new[i] - old[i])``, output channels innermost.
 
     ``padded`` is a zero-bordered scratch image (its border is never written), ``acc`` one pixel's taps.
     """
@@ -40,7 +40,7 @@ def _conv_example(base, new, old, weight, padding, dilation, i, padded, acc, out
                 acc[k] = 0.0
             for r in range(kh):
                 for s in range(kw):
-                    d = padded[y + r * dilation[0], x + s * dilation[1]]
+                    d = padded[y * stride[0] + r * dilation[0], x * stride[1] + s * dilation[1]]
                     for k in range(o):
                         acc[k] += d * weight[r, s, k]
             for k in range(o):
@@ -57,7 +57,7 @@ def _moment_value(out, i, h, w, k, pool, cell):
     return np.float64(out[i, h, w, k])
 
 
-def _next_conv_moments(base, new, old, weight, padding, dilation, pool, out, parts):
+def _next_conv_moments(base, new, old, weight, stride, padding, dilation, pool, out, parts):
     """:func:`_conv_example` for every example, and the per-channel sums of the BN input minus a shift and of
     its square over (N, H', W'), in ``parts`` blocks of examples (as ``kernels._channel_moments``).
 
@@ -69,7 +69,7 @@ def _next_conv_moments(base, new, old, weight, padding, dilation, pool, out, par
     bn_h, bn_w = (out_h // 2, out_w // 2) if pool == 1 else (out_h, out_w)
     padded = np.zeros((rows, wide), base.dtype)
     acc = np.empty(o, base.dtype)
-    _conv_example(base, new, old, weight, padding, dilation, 0, padded, acc, out)
+    _conv_example(base, new, old, weight, stride, padding, dilation, 0, padded, acc, out)
     shift = np.empty(o, np.float64)
     cell = np.empty(1, base.dtype)
     for k in range(o):
@@ -84,7 +84,7 @@ def _next_conv_moments(base, new, old, weight, padding, dilation, pool, out, par
         second = np.zeros(o, np.float64)
         for i in range(p * step, min(n, (p + 1) * step)):
             if i > 0:
-                _conv_example(base, new, old, weight, padding, dilation, i, scratch, taps, out)
+                _conv_example(base, new, old, weight, stride, padding, dilation, i, scratch, taps, out)
             for h in range(bn_h):
                 for w in range(bn_w):
                     for k in range(o):
@@ -97,14 +97,14 @@ def _next_conv_moments(base, new, old, weight, padding, dilation, pool, out, par
     return sums, shift
 
 
-def _next_conv(base, new, old, weight, padding, dilation, out):
+def _next_conv(base, new, old, weight, stride, padding, dilation, out):
     """:func:`_conv_example` for every example, in parallel (no moments: a cache update)."""
     n, o = base.shape[0], base.shape[3]
     rows, wide = new.shape[1] + 2 * padding[0], new.shape[2] + 2 * padding[1]
     for i in numba.prange(n):
         padded = np.zeros((rows, wide), base.dtype)
         acc = np.empty(o, base.dtype)
-        _conv_example(base, new, old, weight, padding, dilation, i, padded, acc, out)
+        _conv_example(base, new, old, weight, stride, padding, dilation, i, padded, acc, out)
 
 
 if numba is not None:
@@ -115,13 +115,13 @@ if numba is not None:
 
 
 def fits(layer) -> bool:
-    """Whether :func:`next_conv` computes this Conv2d's one-channel change (stride 1, numeric padding)."""
-    return (tuple(layer.stride) == (1, 1) and isinstance(layer.padding, tuple) and layer.groups == 1)
+    """Whether :func:`next_conv` computes this Conv2d's one-channel change (numeric padding, no groups)."""
+    return isinstance(layer.padding, tuple) and layer.groups == 1
 
 
 def next_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, channel: int, out: torch.Tensor,
               pool: str | None = None):
-    """``out = base + conv(new - old)`` for a change of input channel ``channel`` of the stride-1 Conv2d
+    """``out = base + conv(new - old)`` for a change of input channel ``channel`` of the Conv2d
     ``layer`` (``base`` holds its bias); ``base`` and ``out`` channels-last (N, O, OH, OW), ``new``/``old``
     (N, 1, H, W). ``out`` may be ``base`` (in place).
 
@@ -135,14 +135,14 @@ def next_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, c
     result = out.permute(0, 2, 3, 1).numpy()
     weight = layer.weight.detach()[:, channel].permute(1, 2, 0).contiguous().numpy()
     new, old = new[:, 0].contiguous().numpy(), old[:, 0].contiguous().numpy()
-    padding, dilation = tuple(layer.padding), tuple(layer.dilation)
+    stride, padding, dilation = tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation)
     if pool is None:
-        _next_conv(source, new, old, weight, padding, dilation, result)
+        _next_conv(source, new, old, weight, stride, padding, dilation, result)
         return None
     code = POOL_CODES[pool]
     if pool not in FUSED_POOLS:
         raise ValueError(f"moments after pooling {pool!r} are not fused; choose one of {', '.join(FUSED_POOLS)}")
-    sums, shift = _next_conv_moments(source, new, old, weight, padding, dilation, code, result,
+    sums, shift = _next_conv_moments(source, new, old, weight, stride, padding, dilation, code, result,
                                      numba.get_num_threads())
     n, height, width = source.shape[:3]
     count = n * (height // 2) * (width // 2) if code == 1 else n * height * width
