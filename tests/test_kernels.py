@@ -31,6 +31,27 @@ def batchnorm(channels: int, seed: int, dtype) -> nn.BatchNorm2d:
     return layer
 
 
+@pytest.mark.parametrize("kernel, padding, dilation, bias", [(3, (1, 1), (1, 1), False), (3, (0, 0), (1, 1), True),
+                                                       ((3, 2), (2, 1), (1, 1), True), (3, (2, 2), (2, 2), False),
+                                                       (1, (0, 0), (1, 1), True)])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_one_output_channel_conv_equals_torch(kernel, padding, dilation, bias, dtype, rtol):
+    """The preactivation of the channel a chunk moves to (kernels.one_output_channel_conv) against F.conv2d."""
+    generator = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(5, 3, kernel, padding=padding, dilation=dilation, bias=bias).to(dtype)
+    with torch.no_grad():
+        conv.weight.normal_(generator=generator)
+        if bias:
+            conv.bias.normal_(generator=generator)
+    x = torch.randn(4, 5, 9, 8, generator=generator, dtype=dtype)
+    for channel in range(3):
+        weight, b = conv.weight[channel:channel + 1], None if not bias else conv.bias[channel:channel + 1]
+        want = F.conv2d(x, weight, b, 1, padding, dilation)
+        got = kernels.one_output_channel_conv(x, weight, b, padding, dilation)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want.detach(), rtol=rtol, atol=rtol)
+
+
 @pytest.mark.parametrize("size", [(14, 14), (7, 9), (6, 5)])
 @pytest.mark.parametrize("kernel, padding, bias", [(3, 1, False), (3, 0, True), (1, 0, True), (5, 2, False)])
 def test_a_conv_and_the_average_pooling_after_it_fold_into_one_strided_conv(size, kernel, padding, bias):

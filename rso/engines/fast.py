@@ -345,6 +345,9 @@ class FastEngine(ScoringEngine):
         weight = weight[channel:channel + 1]
         bias = None if bias is None else bias[channel:channel + 1]
         if isinstance(layer, nn.Conv2d):
+            if self._shifted_basis and self._numba_path and inputs.is_contiguous():
+                from rso.engines.kernels import one_output_channel_conv
+                return one_output_channel_conv(inputs, weight, bias, layer.padding, layer.dilation)
             return F.conv2d(inputs, weight, bias, layer.stride, layer.padding, layer.dilation)
         return F.linear(inputs, weight, bias)
 

@@ -335,7 +335,40 @@ def _add_one_channel_conv_unit_stride(base, new, old, weight, padding, dilation,
                     out[i, y, x, k] = base[i, y, x, k] + change[k, y * wide + x]
 
 
+def _one_output_channel_conv(inputs, weight, bias, padding, dilation, out):
+    """``out[i] = bias + sum over input channels c of conv(inputs[i, c], weight[c])`` for a stride-1 conv with
+    one output channel: ``inputs`` NCHW (N, C, H, W), ``weight`` (C, KH, KW), ``out`` (N, OH, OW). Each channel
+    is padded and flattened with its padded row length, so every tap is one long shifted axpy (the columns
+    between rows are computed and dropped), channels then taps in order."""
+    n, channels, in_h, in_w = inputs.shape
+    out_h, out_w = out.shape[1], out.shape[2]
+    kh, kw = weight.shape[1], weight.shape[2]
+    wide = in_w + 2 * padding[1]
+    rows = in_h + 2 * padding[0]
+    span = (out_h - 1) * wide + out_w
+    for i in numba.prange(n):
+        padded = np.zeros(rows * wide, out.dtype)
+        total = np.zeros(span, out.dtype)
+        for c in range(channels):
+            for y in range(in_h):
+                line = padded[(y + padding[0]) * wide + padding[1]:(y + padding[0]) * wide + padding[1] + in_w]
+                plane = inputs[i, c, y]
+                for x in range(in_w):
+                    line[x] = plane[x]
+            for r in range(kh):
+                for s in range(kw):
+                    tap = weight[c, r, s]
+                    offset = r * dilation[0] * wide + s * dilation[1]
+                    source = padded[offset:offset + span]
+                    for p in range(span):
+                        total[p] += source[p] * tap
+        for y in range(out_h):
+            for x in range(out_w):
+                out[i, y, x] = total[y * wide + x] + bias
+
+
 if numba is not None:
+    _one_output_channel_conv = numba.njit(cache=True, parallel=True)(_one_output_channel_conv)
     _nan_max = numba.njit(cache=True, inline="always")(_nan_max)
     _relu_pool_window = numba.njit(cache=True, inline="always")(_relu_pool_window)
     _channel_moments = numba.njit(cache=True, parallel=True)(_channel_moments)
@@ -492,4 +525,20 @@ def add_one_channel_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tenso
     else:
         _add_one_channel_conv(target.numpy(), new, old, weight.permute(1, 2, 0).contiguous().numpy(), layer.stride,
                               layer.padding, layer.dilation, result)
+    return out
+
+
+def one_output_channel_conv(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding,
+                            dilation) -> torch.Tensor:
+    """``F.conv2d(inputs, weight, bias, 1, padding, dilation)`` for ONE output channel (``weight`` (1, C, KH, KW))
+    of a contiguous NCHW ``inputs``, up to rounding: the fast engine's preactivation of a channel it moves to.
+    oneDNN computes a one-channel conv at a few GFLOP/s (paper6's conv1 at batch 5000: about 0.2 s a move)."""
+    n, _, in_h, in_w = inputs.shape
+    _, _, kh, kw = weight.shape
+    out_h = in_h + 2 * padding[0] - dilation[0] * (kh - 1)
+    out_w = in_w + 2 * padding[1] - dilation[1] * (kw - 1)
+    out = torch.empty((n, 1, out_h, out_w), dtype=inputs.dtype)
+    value = 0.0 if bias is None else float(bias.detach().reshape(-1)[0])
+    _one_output_channel_conv(inputs.numpy(), weight[0].detach().contiguous().numpy(), value, tuple(padding),
+                             tuple(dilation), out[:, 0].numpy())
     return out
