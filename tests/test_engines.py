@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rso.data import load_mnist
-from rso.engines import ENGINES, FastEngine, PrefixCacheEngine, ReferenceEngine, make_engine
+from rso.engines import ENGINES, ChunkPartition, FastEngine, PrefixCacheEngine, ReferenceEngine, make_engine
 from rso.models import build_model, he_init_
 from rso.search.candidates import gaussian_steps
 from rso.search.loop import run_sweep
@@ -44,6 +44,12 @@ def small_nets() -> dict[str, nn.Sequential]:
         "same-padding": nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.BatchNorm2d(2), nn.ReLU(),
                                       nn.Conv2d(2, 3, 3, padding="same", bias=False), nn.ReLU(), nn.MaxPool2d(2),
                                       nn.Flatten(), nn.Linear(3 * 14 * 14, 10)),
+        # a conv straight into a conv (an empty block), and convs that an average pooling follows (folded);
+        # no bias before the BN (its candidates' losses would differ by rounding only: ties, no decision)
+        "stacked-convs": nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 3, 3, padding=1, bias=False),
+                                       nn.AvgPool2d(2),
+                                       nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1), nn.AvgPool2d(2),
+                                       nn.Flatten(), nn.Linear(2 * 7 * 7, 10)),
         "mlp-bn": nn.Sequential(nn.Flatten(), nn.Linear(784, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5),
                                 nn.ReLU(), nn.Linear(5, 10)),
     }
@@ -114,7 +120,7 @@ def run_cycle(model, engine_name, images, labels, batch_size, seed, weight_decay
     return decisions
 
 
-@pytest.mark.parametrize("name", ["convnet", "oneconv-tiny"])
+@pytest.mark.parametrize("name", ["convnet", "oneconv-tiny", "stacked-convs"])
 def test_full_cycle_identical(name, mnist):
     """One cycle with the same seed: identical accept decisions and final weights (float64), for the numba
     output-layer sweep and for the PyTorch-operators path (the one CUDA runs)."""
@@ -200,3 +206,27 @@ def test_fused_head_sweep_reports_progress_during_the_sweep(mnist, monkeypatch):
     assert len(numba_calls) == len(reports["torch"][0])
     assert reports["numba"][1] == reports["torch"][1]
     assert torch.equal(reports["numba"][2], reports["torch"][2])
+
+
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_a_rejected_visit_then_another_chunks_step_with_an_empty_block(kernels, mnist):
+    """A searched conv straight into the next conv (an empty block: the chunk's block output IS its
+    preactivation): chunk 0 rejects, chunk 1 accepts a step in the same channel, chunk 0 then catches up on
+    it (added in place only where nothing else holds the tensor). Losses as the reference's."""
+    images, labels = mnist
+    model = randomize(small_nets()["stacked-convs"], seed=4).double()
+    target = next(t for t in visit_order(model) if t.name == "0.weight")
+    partition = ChunkPartition(torch.arange(len(labels)), 32)
+    fast, reference = FastEngine(kernels=kernels), ReferenceEngine()
+    for engine in (fast, reference):
+        engine.begin_sweep(model, target, images.double(), labels, partition)
+    flat = target.parameter.data.view(-1)
+    for index, chunk, accept in [(0, 0, False), (1, 1, True), (2, 0, True), (3, 1, False), (4, 0, False)]:
+        values = torch.tensor([flat[index].item(), flat[index].item() + 0.3, flat[index].item() - 0.3],
+                              dtype=torch.float64)
+        expected = reference.score(index, values, chunk)
+        torch.testing.assert_close(fast.score(index, values, chunk), expected, rtol=1e-10, atol=0)
+        if accept:
+            flat[index] = values[1]
+            for engine in (fast, reference):
+                engine.commit(index, values[1].item(), chunk)

@@ -105,6 +105,10 @@ class _Chunk:
     loss_version: int = -1
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _fold_next_pooling(plan: SweepPlan) -> SweepPlan:
     """``plan`` with its next layer folded with a 2x2 average pooling right after it (``plan.PooledConv``;
     the pooling leaves the suffix): the next layer's cached output, each candidate's one-channel change and the
@@ -370,18 +374,33 @@ class FastEngine(ScoringEngine):
             out[:, :, y0:y1, x0:x1] += step * channel[:, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
         return out
 
-    def _plus_steps(self, pre: torch.Tensor, inputs: torch.Tensor, steps: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def _plus_steps(self, pre: torch.Tensor, inputs: torch.Tensor, steps: list[tuple[int, torch.Tensor]],
+                    in_place: bool = False) -> torch.Tensor:
         """``pre`` plus each ``(index, step)`` of ``steps`` in order, as :meth:`_plus_step` one at a time (the
-        same roundings), in a new tensor. On the numba path with a shifted basis, one pass over ``pre``
-        (``fused.add_shifted_steps``): a chunk catching up on the steps accepted since its last visit (about 8
-        at a conv1 visit) reads and writes its preactivation once, not once per step."""
+        same roundings): in a new tensor, or with ``in_place`` in ``pre`` (a tensor the caller owns). On the
+        numba path with a shifted basis, one pass over ``pre`` (``fused.add_shifted_steps``): a chunk catching
+        up on the steps accepted since its last visit (about 8 at a conv1 visit) reads and writes its
+        preactivation once, not once per step."""
         if self._numba_path and self._shifted_basis and pre.is_contiguous() and inputs.is_contiguous():
             from rso.engines import fused
             taps = [(source, *shift) for source, shift in (self._tap(index) for index, _ in steps)]
-            return fused.add_shifted_steps(pre, inputs, taps, torch.stack([step for _, step in steps]))
+            return fused.add_shifted_steps(pre, inputs, taps, torch.stack([step for _, step in steps]),
+                                           out=pre if in_place else None)
         for position, (index, step) in enumerate(steps):
-            pre = self._plus_step(pre, inputs, index, step, in_place=position > 0)
+            pre = self._plus_step(pre, inputs, index, step, in_place=in_place or position > 0)
         return pre
+
+    def _cache_block(self, pre: torch.Tensor, channel: int) -> tuple[torch.Tensor, int, int]:
+        """:meth:`_block` of a chunk's own preactivation ``pre`` (N, 1, ...): with the fused kernels that score
+        the candidates where they do (a candidate of step 0, basis 1), else PyTorch's operators."""
+        block = self._channel_block
+        if block is None:
+            return self._block(pre, channel, None)
+        from rso.engines import fused
+        zero = torch.zeros(1, dtype=pre.dtype)
+        moments = None if block.batchnorm is None else fused.block_moments(pre, None, zero, (0, 0), block)
+        combine = self.world.combine_moments if self.world.size > 1 else None
+        return fused.block_output(pre, None, zero, (0, 0), block, channel, moments, None, combine), channel, 1
 
     def _basis(self, inputs: torch.Tensor, index: int) -> torch.Tensor | float:
         """d(preactivation of the changed channel) / d(element ``index``): (B, 1, ...) or 1."""
@@ -506,11 +525,13 @@ class FastEngine(ScoringEngine):
                     state.block_output = self._channel_output(state, changed, current)[0]
                 else:
                     # add the accepted steps to the cached preactivation, as score() does for a candidate
-                    # (a fresh one-channel convolution costs far more at 28x28)
-                    # (the cached one may be aliased: copied once, then added to in place)
+                    # (a fresh one-channel convolution costs far more at 28x28); in place unless the block
+                    # output (or what Q holds) is the preactivation itself (a block with nothing in it)
                     steps = [(change.index, change.step) for change in pending if change.channel == changed]
-                    state.preactivation = self._plus_steps(state.preactivation, state.inputs, steps)
-                    state.block_output = self._block(state.preactivation, changed, None)[0]
+                    own = not any(_same_memory(state.preactivation, other)
+                                  for other in (state.block_output, state.in_next) if other is not None)
+                    state.preactivation = self._plus_steps(state.preactivation, state.inputs, steps, in_place=own)
+                    state.block_output = self._cache_block(state.preactivation, changed)[0]
             elif self.first_change[changed] >= state.synced:
                 # Q holds this channel as the sweep found it
                 self._flush(state)
