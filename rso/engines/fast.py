@@ -103,6 +103,7 @@ class _Chunk:
     synced: int = 0               # length of the change log the caches include
     current_loss: float | None = None   # the chunk's loss under the weights of log length ``loss_version``
     loss_version: int = -1
+    block_stale: bool = False     # ``block_output`` lags ``preactivation``: the next score() derives it
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -531,7 +532,11 @@ class FastEngine(ScoringEngine):
                     own = not any(_same_memory(state.preactivation, other)
                                   for other in (state.block_output, state.in_next) if other is not None)
                     state.preactivation = self._plus_steps(state.preactivation, state.inputs, steps, in_place=own)
-                    state.block_output = self._cache_block(state.preactivation, changed)[0]
+                    if self._channel_block is not None:
+                        # derived with the visit's candidates (see score): one BN reduction fewer a visit
+                        state.block_stale = True
+                    else:
+                        state.block_output = self._cache_block(state.preactivation, changed)[0]
             elif self.first_change[changed] >= state.synced:
                 # Q holds this channel as the sweep found it
                 self._flush(state)
@@ -555,6 +560,9 @@ class FastEngine(ScoringEngine):
     @torch.no_grad()
     def _flush(self, state: _Chunk) -> None:
         """Bring the next layer's output up to the cached channel's current block output."""
+        if state.block_stale:
+            state.block_output = self._cache_block(state.preactivation, state.channel)[0]
+            state.block_stale = False
         if state.block_output is not None and state.in_next is not state.block_output:
             offset, size = state.span
             state.next_output = self._through_next(state.next_output, state.in_next, state.block_output,
@@ -663,11 +671,19 @@ class FastEngine(ScoringEngine):
             source, tap = self._basis_source(state.inputs, index)
             source = None if source is None else source.contiguous()   # read by both passes: copied once
             block = self._channel_block
+            # a stale cached block output (steps accepted in other chunks since) is a candidate of step 0:
+            # candidate 0 when it is the current weight, else one more; its BN moments share the reduction
+            stale = state.block_stale
+            own = 0 if stale and steps[0].item() == 0 else count
+            scored_steps = torch.cat([steps, steps.new_zeros(1)]) if stale and own == count else steps
             moments = None if block.batchnorm is None else \
-                fused.block_moments(state.preactivation, source, steps, tap, block)
-            out = fused.block_output(state.preactivation, source, steps, tap, block, channel, moments,
+                fused.block_moments(state.preactivation, source, scored_steps, tap, block)
+            out = fused.block_output(state.preactivation, source, scored_steps, tap, block, channel, moments,
                                      self._block_buffer, self.world.combine_moments if self.world.size > 1 else None)
             self._block_buffer = out.transpose(0, 1)
+            if stale:
+                state.block_output, state.block_stale = out[:, own:own + 1].clone(), False
+                out = out[:, :count]
             pre, offset, size = None, channel, 1
         else:
             current = self.target.parameter.detach().view(-1)[index]
