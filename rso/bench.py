@@ -323,7 +323,10 @@ def conv_floor(name: str, batch_size: int, device: torch.device, dtype: torch.dt
     every channel: those run in full, for each of the ``candidates`` (3: candidate 0 is recomputed too, as
     the fast engine does unless the chunk's current loss is still known, and always under weight decay).
     Linear layers are left out (a dense head is a few hundred multiply-adds per example)."""
+    from rso.engines.fast import keep_freed_memory
     from rso.engines.plan import PooledConv, _foldable, plan_sweep
+
+    keep_freed_memory()     # as the engine runs (fresh pages for every output made convs up to 1.5x slower)
 
     model = build_model(name).to(device, dtype).eval()
     layers = list(model)

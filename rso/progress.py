@@ -151,6 +151,22 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
 
     costs, elements = [work for work, _ in layers], [count for _, count in layers]
     full = sum(costs)
+    # the fast engine runs a conv that a 2x2 average pooling follows (above the searched layer) as one stride-2
+    # conv (rso.engines.plan.PooledConv): its work scaled by (kh+1)(kw+1) / (4 kh kw), the pooling's gone
+    from rso.engines.plan import _foldable
+
+    modules = list(model)
+    folded = {}
+    for index, layer in enumerate(modules[:-1]):
+        if _foldable(layer, modules[index + 1]):
+            height, width = layer.kernel_size
+            folded[index] = (height + 1) * (width + 1) / (4 * height * width)
+
+    def run_cost(index: int) -> float:
+        return costs[index] * folded[index] if index in folded else 0.0 if index - 1 in folded else costs[index]
+
+    def run_elements(index: int) -> int:
+        return elements[index + 1] if index in folded else elements[index]
     result = {}
     for target in targets:
         plan = plan_sweep(model, target)
@@ -167,8 +183,8 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
         candidate += sum(costs[block_start:plan.next_index]) / channels
         if plan.next_layer is not None:
             fan_in = getattr(plan.next_layer, "in_channels", getattr(plan.next_layer, "in_features", 1))
-            candidate += costs[plan.next_index] / max(fan_in, 1) + ELEMENT_COST * elements[plan.next_index]
-            candidate += sum(costs[plan.next_index + 1:])
+            candidate += run_cost(plan.next_index) / max(fan_in, 1) + ELEMENT_COST * run_elements(plan.next_index)
+            candidate += sum(run_cost(index) for index in range(plan.next_index + 1, len(costs)))
         # a candidate of the output layer is a rank-one update of the cached logits: no cached tensors to move
         if not plan.head_only:
             candidate += CANDIDATE_OVERHEAD * full

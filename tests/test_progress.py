@@ -38,6 +38,22 @@ def test_fast_engine_visits_cost_more_the_further_they_are_from_the_output():
     assert all(costs[name].per_visit < prefix[name].per_visit < 3 * 5000 * 1.02 for name in convs)
 
 
+def test_the_cost_model_folds_a_conv_with_the_average_pooling_after_it(monkeypatch):
+    """As the fast engine runs it (plan.PooledConv): paper6's conv3 + pooling cost less in the suffix of the
+    sweeps below it and as the next layer of conv2's sweep; the sweeps above it are unchanged."""
+    import rso.engines.plan as plan
+
+    model = build_model("paper6", torch.Generator().manual_seed(0))
+    targets = visit_order(model)
+    folded = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000)
+    monkeypatch.setattr(plan, "_foldable", lambda conv, pool: False)
+    plain = sweep_costs(model, targets, EXAMPLE, batch_size=5000, n_examples=60000)
+    for name in ("0.weight", "1.bias", "3.weight", "7.weight", "8.weight"):
+        assert folded[name].per_visit < 0.95 * plain[name].per_visit, name
+    for name in ("10.weight", "14.weight", "17.weight", "21.weight"):
+        assert folded[name].per_visit == plain[name].per_visit, name
+
+
 def test_fill_scale_changes_only_the_cache_fill():
     """--search-bn fixed-below (the authors' preset): its cache fill now costs what a chunk-statistics one does
     (measured, see FIXED_BELOW_SETUP); a fill scale, where one applies, scales only the sweep's setup."""
