@@ -580,7 +580,7 @@ class FastEngine(ScoringEngine):
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.suffix_precision == "bfloat16"
                     else torch.autocast(self.device.type, enabled=False))
         with autocast:
-            logits = self._run_suffix(next_output, moments)
+            logits = self._run_suffix(next_output, moments, owned=True)   # a scratch buffer of ours
         return summed_cross_entropy(logits, state.labels).item()
 
     def _next_output(self, state: _Chunk, out: torch.Tensor, k: int, channel: int, offset: int, size: int,
@@ -602,10 +602,10 @@ class FastEngine(ScoringEngine):
         Same arithmetic per candidate; holds one copy of each suffix tensor per candidate (used with several
         workers only, where a collective's wait costs more than the memory)."""
         xs, moments = zip(*(self._next_output(state, out, k, channel, offset, size, key=f"next{k}") for k in ks))
-        logits = self._run_suffixes(list(xs), list(moments), ks)
+        logits = self._run_suffixes(list(xs), list(moments), ks, owned=True)   # scratch buffers of ours
         return [summed_cross_entropy(x, state.labels).item() for x in logits]
 
-    def _run_suffixes(self, xs: list[torch.Tensor], moments: list, ks: list[int]) -> list[torch.Tensor]:
+    def _run_suffixes(self, xs: list[torch.Tensor], moments: list, ks: list[int], owned: bool = False) -> list[torch.Tensor]:
         """:meth:`_run_suffix` for several candidates layer by layer: one ``combine_moments`` per BN group."""
         from rso.engines.kernels import channel_ops_many
         xs = list(xs)
@@ -613,11 +613,21 @@ class FastEngine(ScoringEngine):
             if isinstance(layer, ChannelOps):
                 given = moments if layer.batchnorm is not None else None
                 moments = [None] * len(xs) if layer.batchnorm is not None else moments
-                buffers = [lambda shape, key=f"suffix{position}.{k}": self._buffer(key, shape) for k in ks]
+                buffers = [self._group_output(layer, x, owned, f"suffix{position}.{k}") for x, k in zip(xs, ks)]
                 xs = channel_ops_many(xs, layer, buffers, self.world.combine_moments, given)
+                owned = True
                 continue
             xs = [self._suffix_layer(layer, x) for x in xs]
+            owned = owned or not isinstance(layer, (nn.Flatten, nn.Identity))
         return xs
+
+    def _group_output(self, group: ChannelOps, x: torch.Tensor, owned: bool, key: str):
+        """Where a channel group of the suffix writes: over its input when that is ours (a scratch buffer or a
+        conv's fresh output) and keeps its shape (no pooling): the pass then reads and writes the same memory,
+        with no second tensor's lines to fetch. Else a buffer of the sweep (``key``)."""
+        if owned and group.pool == "none" and x.is_contiguous(memory_format=torch.channels_last):
+            return lambda shape: x
+        return lambda shape: self._buffer(key, shape)
 
     def _suffix_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One layer of the suffix that is not a fused channel group, on a tensor the caller may not own:
@@ -632,15 +642,15 @@ class FastEngine(ScoringEngine):
             return F.relu(x)    # never in place, whatever the module says: x may be a cache
         return layer(x)
 
-    def _run_suffix(self, x: torch.Tensor, moments=None) -> torch.Tensor:
-        """The layers after the next linear layer (:meth:`_suffix_layer`); ``x`` is left unchanged.
-        ``moments``: those of the first BN's input, when the next conv's pass computed them."""
-        owned = False   # x may be modified in place once it is a tensor of our own
+    def _run_suffix(self, x: torch.Tensor, moments=None, owned: bool = False) -> torch.Tensor:
+        """The layers after the next linear layer (:meth:`_suffix_layer`); ``x`` is left unchanged unless
+        ``owned`` (a scratch tensor the caller gives up). ``moments``: those of the first BN's input, when the
+        next conv's pass computed them."""
         for position, layer in enumerate(self._suffix):
             if isinstance(layer, ChannelOps):
                 from rso.engines.kernels import channel_ops
                 given, moments = (moments, None) if layer.batchnorm is not None else (None, moments)
-                x = channel_ops(x, layer, lambda shape, key=f"suffix{position}": self._buffer(key, shape),
+                x = channel_ops(x, layer, self._group_output(layer, x, owned, f"suffix{position}"),
                                 self.world.combine_moments, given)
                 owned = True
                 continue
