@@ -365,8 +365,8 @@ def conv_floor(name: str, batch_size: int, device: torch.device, dtype: torch.dt
     for target in visit_order(model):
         plan = plan_sweep(model, target)
         seconds = 0.0
-        if plan.next_layer is not None and plan.next_index in per_example:
-            seconds += per_example[plan.next_index] / plan.next_layer.in_channels
+        if plan.next_layer is not None and plan.next_index in per_example:   # folded too, as the engine does
+            seconds += in_full[plan.next_index] / plan.next_layer.in_channels
         seconds += sum(in_full.get(i, 0.0) for i in range(plan.next_index + 1, len(layers)))
         per_tensor[target.name] = target.numel * candidates * batch_size * seconds
     return {"candidates": candidates, "conv_s_per_example": {str(i): v for i, v in per_example.items()},

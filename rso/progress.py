@@ -132,7 +132,8 @@ SCORINGS = {"reference": "full", "prefix-cache": "prefix"}   # engine name -> ho
 
 def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Tensor, batch_size: int,
                 n_examples: int, scoring: str = "incremental", evaluation_samples: float = 0.0,
-                fused_head: bool | None = None, fill: float = 1.0, statistics_samples: int = 0) -> dict[str, SweepCost]:
+                fused_head: bool | None = None, fill: float = 1.0, statistics_samples: int = 0,
+                fold: bool = True) -> dict[str, SweepCost]:
     """Each target's :class:`SweepCost`. ``scoring``: ``full`` (every candidate a full forward pass, the
     reference engine), ``prefix`` (the layers below the searched one cached, the rest run in full: the
     prefix-cache engine) or ``incremental`` (cached, and one channel recomputed up to the next linear layer:
@@ -140,7 +141,8 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
     ``fill``: the fast engine's cache fill relative to a chunk-statistics one (:func:`fill_scale`).
     ``statistics_samples``: examples passed through the layers below the searched one before each sweep to fix
     their BN statistics (``--search-bn fixed-below``: ``--search-bn-images``, 2000; a third of a 6000-example
-    run's fill, 3% of a full one's)."""
+    run's fill, 3% of a full one's). ``fold``: the engine runs a conv that an average pooling follows as one
+    conv (the fast engine; not the sync-free one)."""
     layers = layer_costs(model, example)
     used = (n_examples // batch_size) * batch_size
     if layers is None or scoring == "full":
@@ -159,7 +161,7 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
     modules = list(model)
     folded = {}
     for index, layer in enumerate(modules[:-1]):
-        if _foldable(layer, modules[index + 1]):
+        if fold and _foldable(layer, modules[index + 1]):
             height, width = layer.kernel_size
             folded[index] = (height + 1) * (width + 1) / (4 * height * width)
 

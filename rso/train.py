@@ -418,7 +418,8 @@ class Trainer:
                             len(self.data.train_labels), SCORINGS.get(engine.name, "incremental"),
                             fused_head=self.device.type == "cpu" and self.world.size == 1,
                             fill=fill_scale(config.search_bn, self.world.size),
-                            statistics_samples=len(fixed_bn_images) if fixed_bn_images is not None else 0)
+                            statistics_samples=len(fixed_bn_images) if fixed_bn_images is not None else 0,
+                            fold=engine.name == "fast")
         evaluation_samples = min(config.bn_samples, len(self.data.train_labels)) + len(self.data.test_labels)
         for target in (targets if config.eval_every == "sweep" else targets[-1:]):
             costs[target.name].after = evaluation_work(evaluation_samples, self.world.size)

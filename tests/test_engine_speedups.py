@@ -243,8 +243,8 @@ def test_a_step_added_without_padding_equals_the_padded_basis(padding, kernel, d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_steps_added_in_one_pass_equal_adding_them_one_at_a_time(padding, kernel, dtype):
     """The numba pass that adds a chunk's pending steps at once (fused.add_shifted_steps, via _plus_steps)
-    against _plus_step one step after another: bit for bit, for runs of 1..9 steps over every tap of the kernel
-    and several input channels (a tap whose shift leaves the image adds nothing), into a new tensor."""
+    against _plus_step one step after another: bit for bit, for runs of 1..9 steps over taps of the kernel and
+    several input channels, into a new tensor and in place."""
     pytest.importorskip("numba")
     generator = torch.Generator().manual_seed(2)
     conv = nn.Conv2d(3, 2, kernel, padding=padding, bias=False).to(dtype)
@@ -267,6 +267,8 @@ def test_steps_added_in_one_pass_equal_adding_them_one_at_a_time(padding, kernel
         engine._numba_path = False      # the PyTorch loop it falls back to: the same
         assert torch.equal(engine._plus_steps(pre, inputs, steps), want)
         engine._numba_path = True
+        own = pre.clone()               # in place, as _sync adds them to a chunk's own tensor
+        assert engine._plus_steps(own, inputs, steps, in_place=True) is own and torch.equal(own, want)
         indices = indices[count:] + indices[:count]
 
 

@@ -208,11 +208,14 @@ def test_fused_head_sweep_reports_progress_during_the_sweep(mnist, monkeypatch):
     assert torch.equal(reports["numba"][2], reports["torch"][2])
 
 
+@pytest.mark.parametrize("decay", [0.0, 1e-3])
 @pytest.mark.parametrize("kernels", ["torch", "numba"])
-def test_a_rejected_visit_then_another_chunks_step_with_an_empty_block(kernels, mnist):
+def test_a_rejected_visit_then_another_chunks_step_with_an_empty_block(kernels, decay, mnist):
     """A searched conv straight into the next conv (an empty block: the chunk's block output IS its
     preactivation): chunk 0 rejects, chunk 1 accepts a step in the same channel, chunk 0 then catches up on
-    it (added in place only where nothing else holds the tensor). Losses as the reference's."""
+    it (added in place only where nothing else holds the tensor), then both move to the next channel. With
+    ``decay`` candidate 0 is not the current weight (the chunk's block output is then a candidate of its own).
+    Losses as the reference's."""
     images, labels = mnist
     model = randomize(small_nets()["stacked-convs"], seed=4).double()
     target = next(t for t in visit_order(model) if t.name == "0.weight")
@@ -221,9 +224,10 @@ def test_a_rejected_visit_then_another_chunks_step_with_an_empty_block(kernels, 
     for engine in (fast, reference):
         engine.begin_sweep(model, target, images.double(), labels, partition)
     flat = target.parameter.data.view(-1)
-    for index, chunk, accept in [(0, 0, False), (1, 1, True), (2, 0, True), (3, 1, False), (4, 0, False)]:
-        values = torch.tensor([flat[index].item(), flat[index].item() + 0.3, flat[index].item() - 0.3],
-                              dtype=torch.float64)
+    for index, chunk, accept in [(0, 0, False), (1, 1, True), (2, 0, True), (3, 1, False), (4, 0, False),
+                                 (5, 1, True), (10, 0, True), (11, 1, False), (12, 0, False)]:
+        current = flat[index].item() * (1 - decay)
+        values = torch.tensor([current, current + 0.3, current - 0.3], dtype=torch.float64)
         expected = reference.score(index, values, chunk)
         torch.testing.assert_close(fast.score(index, values, chunk), expected, rtol=1e-10, atol=0)
         if accept:

@@ -171,6 +171,10 @@ class PooledConv(nn.Conv2d):
         self.requires_grad_(False)
         self.source = (conv,)     # a tuple: not a registered submodule
 
+    def reset_parameters(self) -> None:
+        """Nothing: the weights are copied from the folded conv (``nn.Conv2d`` would draw a random init from the
+        global generator first, on every sweep)."""
+
 
 def _foldable(conv: nn.Module, pool: nn.Module) -> bool:
     return (isinstance(conv, nn.Conv2d) and not isinstance(conv, PooledConv) and _pool_kind(pool) == "avg2"
