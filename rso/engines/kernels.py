@@ -304,13 +304,27 @@ def _add_one_channel_conv(base, new, old, weight, stride, padding, dilation, out
                     out[i, y, x, k] = base[i, y, x, k] + change[y, x, k]
 
 
+def _add_taps(row, padded, taps, wide, dilation):
+    """``row += sum over taps (r, s) of taps[r, s] * padded[shifted by r rows and s columns]``, taps in order:
+    ``padded`` is a zero-bordered image flattened with its row length ``wide``, ``row`` the flattened output
+    (``len(row)`` values: the columns between rows are computed and dropped by the caller). Each tap is one
+    long shifted axpy."""
+    span = row.shape[0]
+    for r in range(taps.shape[0]):
+        for s in range(taps.shape[1]):
+            tap = taps[r, s]
+            offset = r * dilation[0] * wide + s * dilation[1]
+            source = padded[offset:offset + span]
+            for p in range(span):    # note: slices (not offset indices) let LLVM vectorize this loop
+                row[p] += source[p] * tap
+
+
 def _add_one_channel_conv_unit_stride(base, new, old, weight, padding, dilation, out):
     """:func:`_add_one_channel_conv` for stride 1, as long contiguous row updates: the change image is padded
     and flattened with its padded row length, so every tap is one shifted axpy over all output pixels (the
     columns between rows are computed and dropped). ``weight`` is (O, KH, KW) here."""
     n, out_h, out_w, o = base.shape
     in_h, in_w = new.shape[1], new.shape[2]
-    kh, kw = weight.shape[1], weight.shape[2]
     wide = in_w + 2 * padding[1]
     rows = in_h + 2 * padding[0]
     span = (out_h - 1) * wide + out_w
@@ -321,14 +335,7 @@ def _add_one_channel_conv_unit_stride(base, new, old, weight, padding, dilation,
                 padded[(y + padding[0]) * wide + x + padding[1]] = new[i, y, x] - old[i, y, x]
         change = np.zeros((o, span), base.dtype)
         for k in range(o):
-            row = change[k]
-            for r in range(kh):
-                for s in range(kw):
-                    tap = weight[k, r, s]
-                    offset = r * dilation[0] * wide + s * dilation[1]
-                    source = padded[offset:offset + span]
-                    for p in range(span):    # note: slices (not offset indices) let LLVM vectorize this loop
-                        row[p] += source[p] * tap
+            _add_taps(change[k], padded, weight[k], wide, dilation)
         for y in range(out_h):
             for x in range(out_w):
                 for k in range(o):
@@ -342,7 +349,6 @@ def _one_output_channel_conv(inputs, weight, bias, padding, dilation, out):
     between rows are computed and dropped), channels then taps in order."""
     n, channels, in_h, in_w = inputs.shape
     out_h, out_w = out.shape[1], out.shape[2]
-    kh, kw = weight.shape[1], weight.shape[2]
     wide = in_w + 2 * padding[1]
     rows = in_h + 2 * padding[0]
     span = (out_h - 1) * wide + out_w
@@ -355,19 +361,14 @@ def _one_output_channel_conv(inputs, weight, bias, padding, dilation, out):
                 plane = inputs[i, c, y]
                 for x in range(in_w):
                     line[x] = plane[x]
-            for r in range(kh):
-                for s in range(kw):
-                    tap = weight[c, r, s]
-                    offset = r * dilation[0] * wide + s * dilation[1]
-                    source = padded[offset:offset + span]
-                    for p in range(span):
-                        total[p] += source[p] * tap
+            _add_taps(total, padded, weight[c], wide, dilation)
         for y in range(out_h):
             for x in range(out_w):
                 out[i, y, x] = total[y * wide + x] + bias
 
 
 if numba is not None:
+    _add_taps = numba.njit(cache=True, inline="always")(_add_taps)
     _one_output_channel_conv = numba.njit(cache=True, parallel=True)(_one_output_channel_conv)
     _nan_max = numba.njit(cache=True, inline="always")(_nan_max)
     _relu_pool_window = numba.njit(cache=True, inline="always")(_relu_pool_window)
