@@ -97,15 +97,18 @@ def test_next_conv_equals_torch_and_the_unfused_kernel(kernel, padding, dilation
 @numba_only
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("pool", ["none", "avg2"])
-def test_next_conv_moments_equal_the_moments_pass(pool, dtype):
+@pytest.mark.parametrize("kernel, padding, stride", [(3, 1, 1), ((3, 2), (0, 1), 1), (4, 1, 2)])
+def test_next_conv_moments_equal_the_moments_pass(pool, dtype, kernel, padding, stride):
     """The moments computed while the conv output is written are those of the separate pass (bit for bit),
-    and BN normalized with them equals torch's (after 2x2 average pooling for ``avg2``)."""
+    and BN normalized with them equals torch's (after 2x2 average pooling for ``avg2``). Each kernel size has
+    its own compiled stencil (fused._stencils); the output is the unfused kernel's, bit for bit."""
     from rso.engines import fused, kernels
     from rso.engines.plan import group_channel_ops
 
-    layer, base, new, old, expected = one_channel_change(dtype)
+    layer, base, new, old, expected = one_channel_change(dtype, kernel, padding, stride=stride)
     out = torch.empty_like(base)
     sums, shift, count = fused.next_conv(base, new, old, layer, 2, out, pool=pool)
+    assert torch.equal(out, kernels.add_one_channel_conv(base, new, old, layer, 2))
     pooled = out if pool == "none" else nn.AvgPool2d(2)(out)
     reference_sums, reference_shift, reference_count = kernels.batch_moments(
         kernels.channel_ops(out, group_channel_ops([nn.AvgPool2d(2)])[0]) if pool == "avg2" else out)
