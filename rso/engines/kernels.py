@@ -235,20 +235,21 @@ def _affine_relu_pool(x, scale, bias, relu, pool, out):
     """``out = pool(relu(x * scale + bias))`` for NHWC ``x``; pool 0 none, 1 avg 2x2, 2 max 2x2, 3 global avg,
     4 global max (NaN anywhere in a channel gives NaN, as torch's max pooling)."""
     n, height, width, c = x.shape
+    zero = np.zeros(1, x.dtype)[0]     # a ReLU against a float64 0.0 would widen every float32 value first
     for i in numba.prange(n):
         if pool == 0:
             for h in range(height):
                 for w in range(width):
                     for k in range(c):
                         y = x[i, h, w, k] * scale[k] + bias[k]
-                        out[i, h, w, k] = max(y, 0.0) if relu else y
+                        out[i, h, w, k] = max(y, zero) if relu else y
         elif pool == 3:
             acc = np.zeros(c, np.float64)
             for h in range(height):
                 for w in range(width):
                     for k in range(c):
                         y = x[i, h, w, k] * scale[k] + bias[k]
-                        acc[k] += max(y, 0.0) if relu else y
+                        acc[k] += max(y, zero) if relu else y
             for k in range(c):
                 out[i, 0, 0, k] = acc[k] / (height * width)
         elif pool == 4:
@@ -258,7 +259,7 @@ def _affine_relu_pool(x, scale, bias, relu, pool, out):
                     for k in range(c):
                         y = x[i, h, w, k] * scale[k] + bias[k]
                         if relu:
-                            y = max(y, 0.0)
+                            y = max(y, zero)
                         top[k] = _nan_max(top[k], y)
             for k in range(c):
                 out[i, 0, 0, k] = top[k]
