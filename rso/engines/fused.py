@@ -270,27 +270,32 @@ def _block_output(pre, inputs, unit, steps, row, column, pool_first, scale, bias
                                                             d * scale[k] + bias[k], e * scale[k] + bias[k], relu, pool)
 
 
-def _add_shifted_steps(pre, inputs, sources, rows, columns, steps, copy, out):
+def _add_shifted_steps(pre, inputs, sources, rows, columns, steps, copy, out, height, width, in_h, in_w):
     """``out = pre + steps[0] * basis_0 + steps[1] * basis_1 + ...``, added one step after another (the
     roundings of adding them one at a time), basis j being input channel ``sources[j]`` shifted by
-    ``(rows[j], columns[j])`` (zero outside the input). ``copy``: ``out`` is not ``pre`` and starts as it."""
-    n, height, width = pre.shape
-    in_h, in_w = inputs.shape[2], inputs.shape[3]
+    ``(rows[j], columns[j])`` (zero outside the input). ``copy``: ``out`` is not ``pre`` and starts as it.
+
+    ``pre``/``out`` are (N, H*W) and ``inputs`` (N, C, H_in*W_in), flattened: each row segment is a loop over
+    unsigned offsets, which LLVM vectorizes without per-row slices (about 1.3-1.6x faster than slices at
+    paper6's conv1, batch 2500, measured with a throwaway script).
+    """
+    n = pre.shape[0]
     for i in numba.prange(n):
         plane = out[i]
         if copy:
-            plane[:, :] = pre[i]
+            plane[:] = pre[i]
         for j in range(steps.shape[0]):
             dy, dx, step = rows[j], columns[j], steps[j]
             x0, x1 = max(0, -dx), min(width, in_w - dx)
             if x1 <= x0:
                 continue
             channel = inputs[i, sources[j]]
+            length = numba.uint64(x1 - x0)
             for y in range(max(0, -dy), min(height, in_h - dy)):
-                target = plane[y, x0:x1]       # slices, not offset indices: LLVM vectorizes the row
-                source = channel[y + dy, x0 + dx:x1 + dx]
-                for x in range(x1 - x0):
-                    target[x] = target[x] + step * source[x]
+                target = numba.uint64(y * width + x0)
+                source = numba.uint64((y + dy) * in_w + x0 + dx)
+                for x in range(length):
+                    plane[target + x] = plane[target + x] + step * channel[source + x]
 
 
 if numba is not None:
@@ -387,6 +392,9 @@ def add_shifted_steps(pre: torch.Tensor, inputs: torch.Tensor, taps: list[tuple[
     copy = out is None or out.data_ptr() != pre.data_ptr()
     out = torch.empty_like(pre) if out is None else out
     sources, rows, columns = (np.array(column, dtype=np.int64) for column in zip(*taps))
-    _add_shifted_steps(pre[:, 0].numpy(), inputs.numpy(), sources, rows, columns,
-                       steps.to(pre.dtype).numpy(), copy, out[:, 0].numpy())
+    n, _, height, width = pre.shape
+    in_h, in_w = inputs.shape[2], inputs.shape[3]
+    _add_shifted_steps(pre.reshape(n, height * width).numpy(), inputs.reshape(n, inputs.shape[1], in_h * in_w).numpy(),
+                       sources, rows, columns, steps.to(pre.dtype).numpy(), copy,
+                       out.view(n, height * width).numpy(), height, width, in_h, in_w)
     return out
