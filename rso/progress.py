@@ -36,13 +36,15 @@ CANDIDATE_OVERHEAD = 0.01
 ELEMENT_COST = 4.0
 # How a conv visit's work compares with a cache fill's, per sample-equivalent, for the fast engine: fitted to the
 # per-tensor sweep times of results/bench/bench.json (paper6, batch 5000, fast engine with 1 and 2 workers, commit
-# cf1029c, where the suffix folds a conv with the average pooling after it; the cost model folds it too).
-# Replayed as 3 cycles through the ETA (``python -m experiments.eta_check --replay results/bench/bench.json
-# --batch-size 5000 --cycles 3 [--bench-config fast_2 --workers 2] --visit-work-scale S``), the largest error
-# after the first sweep is 17.3%/9.3% at S = 1.0, 15.8%/13.7% at 1.05, 14.5%/18.1% at 1.1, 12.3%/27.3% at 1.2.
-# It was 1.2 for the bench at 5b8b1f8 (before the folding; 16.5%/16.2% there), and 0.7 before the fills got
-# faster. A live run is the independent check (README).
-VISIT_WORK_SCALE = 1.05
+# 332d1ab, where the next conv's stencil sums its taps in registers and the suffix folds a conv with the average
+# pooling after it; the cost model folds it too). Replayed as 3 cycles through the ETA (``python -m
+# experiments.eta_check --replay results/bench/bench.json --batch-size 5000 --cycles 3 [--bench-config fast_2
+# --workers 2] --visit-work-scale S``), the largest error after the first sweep is 13.0%/9.3% at S = 0.8,
+# 8.1%/7.9% at 0.9, 6.7%/18.8% at 1.0, 11.6%/24.3% at 1.05; on the other bench run at the same commit
+# 8.8%/5.7% at 0.9 and 10.7%/15.1% at 1.05. It was 1.05 for the bench at cf1029c (before the faster stencil),
+# 1.2 at 5b8b1f8 (before the folding), and 0.7 before the fills got faster. A live run is the independent
+# check (README).
+VISIT_WORK_SCALE = 0.9
 # With ``--search-bn fixed-below`` (the authors' BN handling) and several workers, a sweep's cache fill runs the
 # layers below in inference mode, without the per-chunk BN collectives a chunk-statistics fill needs. When those
 # collectives took a float64 copy and a var_mean (before be503bb) that made the fill cost 0.55-0.64 of the
