@@ -23,24 +23,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rso import distributed  # noqa: E402
 
 
+def load_target(model_name: str, tensor: str):
+    """MNIST's 60,000 training images (float) and labels, ``model_name`` built from seed 0, and its tensor
+    ``tensor`` (a SearchTarget); exits naming the model's tensors when it has no such tensor."""
+    from rso.data import load_mnist
+    from rso.models import build_model
+    from rso.search.visit import visit_order
+
+    data = load_mnist(os.environ.get("RSO_DATA_DIR"), train_subset=60000, test_subset=1, download=False)
+    model = build_model(model_name, torch.Generator().manual_seed(0))
+    targets = {target.name: target for target in visit_order(model)}
+    if tensor not in targets:   # (printed here: a worker process's exit status would lose the message)
+        print(f"error: {model_name} has no tensor {tensor!r}; its tensors: {', '.join(targets)}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(2)
+    return data.train_images.float(), data.train_labels, model, targets[tensor]
+
+
+def run_workers(workers: int, work, spec: tuple) -> int:
+    """``work(*spec)`` in this process (1 worker) or in ``workers`` local processes (gloo); MNIST from
+    RSO_DATA_DIR, else ../shared/data beside the repository."""
+    if "RSO_DATA_DIR" not in os.environ:
+        os.environ["RSO_DATA_DIR"] = str(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+    return work(*spec) if workers == 1 else distributed.launch(workers, work, spec)
+
+
 def sample(tensor: str, visits: int, batch_size: int, model_name: str) -> int:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     world = distributed.init_world(torch.device("cpu")) if size > 1 else distributed.LOCAL
     try:
         distributed.set_threads(1)
         from rso.bench import sweep_sample
-        from rso.data import load_mnist
         from rso.engines import FastEngine
-        from rso.models import build_model
-        from rso.search.visit import visit_order
 
-        data = load_mnist(os.environ.get("RSO_DATA_DIR"), train_subset=60000, test_subset=1, download=False)
-        images, labels = data.train_images.float(), data.train_labels
-        model = build_model(model_name, torch.Generator().manual_seed(0))
-        targets = {target.name: target for target in visit_order(model)}
-        if tensor not in targets:
-            raise SystemExit(f"error: {model_name} has no tensor {tensor!r}; its tensors: {', '.join(targets)}")
-        target = targets[tensor]
+        images, labels, model, target = load_target(model_name, tensor)
         few = 8 * world.size    # compile the numba kernels before anything is timed
         sweep_sample(FastEngine(world=world), model, target, images[:few], labels[:few], few, 0,
                      torch.device("cpu"), 4, world)
@@ -75,12 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--model", default="paper6")
     args = parser.parse_args(argv)
-    if "RSO_DATA_DIR" not in os.environ:
-        os.environ["RSO_DATA_DIR"] = str(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
-    spec = (args.tensor, args.visits, args.batch_size, args.model)
-    if args.workers == 1:
-        return sample(*spec)
-    return distributed.launch(args.workers, sample, spec)
+    return run_workers(args.workers, sample, (args.tensor, args.visits, args.batch_size, args.model))
 
 
 if __name__ == "__main__":

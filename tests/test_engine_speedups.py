@@ -97,7 +97,7 @@ def test_next_conv_equals_torch_and_the_unfused_kernel(kernel, padding, dilation
 @numba_only
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("pool", ["none", "avg2"])
-@pytest.mark.parametrize("kernel, padding, stride", [(3, 1, 1), ((3, 2), (0, 1), 1), (4, 1, 2)])
+@pytest.mark.parametrize("kernel, padding, stride", [(3, 1, 1), ((3, 2), (0, 1), 1), (4, 1, 2), (1, 0, 1)])
 def test_next_conv_moments_equal_the_moments_pass(pool, dtype, kernel, padding, stride):
     """The moments computed while the conv output is written are those of the separate pass (bit for bit),
     and BN normalized with them equals torch's (after 2x2 average pooling for ``avg2``). Each kernel size has

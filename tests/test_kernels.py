@@ -109,15 +109,25 @@ def test_channel_ops_equal_torch(pattern, size, dtype, rtol):
 @pytest.mark.parametrize("layers", [[nn.ReLU()], [nn.ReLU(), nn.MaxPool2d(2)], [nn.MaxPool2d(2)],
                                     [nn.ReLU(), nn.AvgPool2d(2)]], ids=["relu", "relu-max", "max", "relu-avg"])
 @pytest.mark.parametrize("row, column", [(0, 0), (0, 1), (1, 0), (1, 1)])
-def test_channel_ops_keep_nan(layers, row, column):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channel_ops_keep_nan(layers, row, column, dtype):
     """A NaN activation stays NaN through ReLU and pooling wherever it sits in the window (as torch's), so a
-    diverged candidate never looks finite."""
-    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    diverged candidate never looks finite; in float32 too (the ReLU compares with a zero of the dtype)."""
+    x = torch.randn(4, 3, 4, 4, dtype=dtype)
     x[1, 2, row, column] = float("nan")
     ops = group_channel_ops(layers)[0]
     got = kernels.channel_ops(x, ops)
     torch.testing.assert_close(got, run_layers(x, layers), equal_nan=True)
     assert torch.isnan(got[1, 2, 0, 0] if len(layers) > 1 or ops.pool != "none" else got[1, 2, row, column])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channel_ops_relu_is_torchs_bit_for_bit(dtype):
+    """ReLU alone: the same values as torch.relu in the input's dtype, subnormals included (no widening). (The
+    sign of a zero may differ from torch's: -0.0 == 0.0.)"""
+    x = torch.tensor([[[[-0.0, 0.0, -1.5, 1e-38], [3.25, -1e-30, 2.0 ** -140, -2.0 ** -140]]]], dtype=dtype)
+    got = kernels.channel_ops(x, group_channel_ops([nn.ReLU()])[0])
+    assert torch.equal(got, torch.relu(x)) and got.dtype == dtype
 
 
 def test_grouping():

@@ -2,9 +2,10 @@
 
 The next conv's one-channel change (``Q + n(new - old)``) and the batch moments of the BN that follows it
 are one pass over the next layer's output here instead of two: each example's output is computed with the
-output channels innermost (a pixel's taps summed in registers for every channel, :func:`_stencil_kernels`)
-and its moments are added while it is still in cache. The moments are returned as sums, not applied: the normalization is a separate pass
-(:func:`rso.engines.kernels.channel_ops` with ``moments=``), so a reduction over processes can sit between.
+output channels innermost (a pixel's taps summed in registers for every channel,
+:func:`_stencil_kernels`) and its moments are added while it is still in cache. The moments are returned as
+sums, not applied: the normalization is a separate pass (:func:`rso.engines.kernels.channel_ops` with
+``moments=``), so a reduction over processes can sit between.
 
 The arithmetic is that of the unfused kernels (taps in the same order, moments over the same blocks of
 examples in the same order, the same shift), so the results are bit-identical to them.
@@ -50,17 +51,17 @@ def _conv_example(base, new, old, weight, stride, padding, dilation, i, padded, 
 def _stencil_kernels(kh: int, kw: int):
     """The next-conv kernels for a (kh, kw) conv kernel, compiled with the tap count as a constant.
 
-    A pixel's taps are then gathered into a small array and summed for each output channel in one unrolled
-    expression, with the output channels innermost: one vector loop that keeps its sum in registers. A loop
-    over the taps with the channels inside it instead stores and reloads every channel's sum once per tap:
-    ``python benchmarks/next_conv.py`` measured it 2.8-3.2x slower at paper6's three shapes (batch 2500,
-    float32, one thread). The sums are the same: taps in the same order (row, column), each added to a sum
-    that starts at zero, then added to ``base``.
+    A pixel's taps are then gathered into a small array and summed for each output channel by a loop of
+    constant length (which LLVM unrolls), with the output channels innermost: one vector loop that keeps its
+    sum in registers. A loop over the taps with the channels inside it instead stores and reloads every
+    channel's sum once per tap: ``python benchmarks/next_conv.py`` measured it 2.6-3.3x slower at paper6's
+    three shapes (batch 2500, float32, one thread). The sums are the same: taps in the same order (row,
+    column), each added to a sum that starts at zero, then added to ``base``.
     """
     taps = kh * kw
 
     def next_conv_moments(base, new, old, weight, stride, padding, dilation, pool, out, parts):
-        """``conv_example`` for every example, and the per-channel sums of the BN input minus a shift and of
+        """``_conv_example`` for every example, and the per-channel sums of the BN input minus a shift and of
         its square over (N, H', W'), in ``parts`` blocks of examples (as ``kernels._channel_moments``).
 
         Returns (sums (parts, 2, O), shift (O,)): the shift is the first example's first BN input value.
@@ -108,7 +109,7 @@ def _stencil_kernels(kh: int, kw: int):
         return sums, shift
 
     def next_conv(base, new, old, weight, stride, padding, dilation, out):
-        """``conv_example`` for every example, in parallel (no moments: a cache update)."""
+        """``_conv_example`` for every example, in parallel (no moments: a cache update)."""
         n = base.shape[0]
         rows, wide = new.shape[1] + 2 * padding[0], new.shape[2] + 2 * padding[1]
         zero = np.zeros(1, base.dtype)[0]
@@ -118,7 +119,7 @@ def _stencil_kernels(kh: int, kw: int):
             _conv_example(base, new, old, weight, stride, padding, dilation, i, padded, values, zero, kh, kw, out)
 
     if numba is None:
-        return next_conv, next_conv_moments
+        raise RuntimeError("the next-conv stencil is a numba kernel: install numba")
     # numba caches a closure's compiled code per value of its constants (one entry per kernel size), as long
     # as they are plain values: the kernels it calls are module globals, not closure variables
     return (numba.njit(cache=True, parallel=True)(next_conv),
@@ -167,6 +168,9 @@ def next_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, c
     if not (base.is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(memory_format=torch.channels_last)
             and out.shape == base.shape):
         raise ValueError("base and out must be channels-last tensors of the same shape")
+    if layer.weight.dtype != base.dtype or new.dtype != base.dtype or old.dtype != base.dtype:
+        raise ValueError(f"the layer, base, new and old must share one dtype (the sums round to it): "
+                         f"{layer.weight.dtype}, {base.dtype}, {new.dtype}, {old.dtype}")
     source = base.permute(0, 2, 3, 1).numpy()
     result = out.permute(0, 2, 3, 1).numpy()
     weight = layer.weight.detach()[:, channel].permute(1, 2, 0).contiguous().numpy()
@@ -385,10 +389,10 @@ def add_shifted_steps(pre: torch.Tensor, inputs: torch.Tensor, taps: list[tuple[
                       steps: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``pre`` (N, 1, H, W) plus each step times its shifted input channel, in one pass: ``taps`` holds
     (input channel, row shift, column shift) per step, ``inputs`` is the searched conv's (N, C, H_in, W_in)
-    input (contiguous). Into ``out`` (may be ``pre``: in place) or a new tensor. Bit for bit the sum that
-    adding the steps one at a time gives (``FastEngine._plus_step``)."""
-    if not (pre.is_contiguous() and inputs.is_contiguous()):
-        raise ValueError("pre and inputs must be contiguous")
+    input (contiguous). Into ``out`` (contiguous; may be ``pre``: in place) or a new tensor. Bit for bit the
+    sum that adding the steps one at a time gives (``FastEngine._plus_step``)."""
+    if not (pre.is_contiguous() and inputs.is_contiguous() and (out is None or out.is_contiguous())):
+        raise ValueError("pre, inputs and out must be contiguous")
     copy = out is None or out.data_ptr() != pre.data_ptr()
     out = torch.empty_like(pre) if out is None else out
     sources, rows, columns = (np.array(column, dtype=np.int64) for column in zip(*taps))
