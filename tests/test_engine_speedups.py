@@ -101,7 +101,7 @@ def test_next_conv_equals_torch_and_the_unfused_kernel(kernel, padding, dilation
 def test_next_conv_moments_equal_the_moments_pass(pool, dtype, kernel, padding, stride):
     """The moments computed while the conv output is written are those of the separate pass (bit for bit),
     and BN normalized with them equals torch's (after 2x2 average pooling for ``avg2``). Each kernel size has
-    its own compiled stencil (fused._stencils); the output is the unfused kernel's, bit for bit."""
+    its own compiled stencil (fused._stencil_kernels); the output is the unfused kernel's, bit for bit."""
     from rso.engines import fused, kernels
     from rso.engines.plan import group_channel_ops
 

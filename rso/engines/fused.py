@@ -13,6 +13,7 @@ examples in the same order, the same shift), so the results are bit-identical to
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +49,9 @@ def _conv_example(base, new, old, weight, stride, padding, dilation, i, padded, 
                 out[i, y, x, k] = base[i, y, x, k] + acc
 
 
+@functools.cache    # made once per kernel size and process
 def _stencil_kernels(kh: int, kw: int):
-    """The next-conv kernels for a (kh, kw) conv kernel, compiled with the tap count as a constant.
+    """(next_conv, next_conv_moments) for a (kh, kw) conv kernel, compiled with the tap count as a constant.
 
     A pixel's taps are then gathered into a small array and summed for each output channel by a loop of
     constant length (which LLVM unrolls), with the output channels innermost: one vector loop that keeps its
@@ -89,20 +91,12 @@ def _stencil_kernels(kh: int, kw: int):
             for i in range(p * step, min(n, (p + 1) * step)):
                 if i > 0:
                     _conv_example(base, new, old, weight, stride, padding, dilation, i, scratch, pixel, zero, kh, kw, out)
-                if pool == 1:
-                    for h in range(bn_h):
-                        for w in range(bn_w):
-                            for k in range(o):
-                                v = _moment_value(out, i, h, w, k, pool, rounded) - shift[k]
-                                first[k] += v
-                                second[k] += v * v
-                else:   # (the same sums, without a branch inside the channels' loop: it vectorizes)
-                    for h in range(bn_h):
-                        for w in range(bn_w):
-                            for k in range(o):
-                                v = np.float64(out[i, h, w, k]) - shift[k]
-                                first[k] += v
-                                second[k] += v * v
+                for h in range(bn_h):
+                    for w in range(bn_w):
+                        for k in range(o):
+                            v = _moment_value(out, i, h, w, k, pool, rounded) - shift[k]
+                            first[k] += v
+                            second[k] += v * v
             for k in range(o):
                 sums[p, 0, k] = first[k]
                 sums[p, 1, k] = second[k]
@@ -124,16 +118,6 @@ def _stencil_kernels(kh: int, kw: int):
     # as they are plain values: the kernels it calls are module globals, not closure variables
     return (numba.njit(cache=True, parallel=True)(next_conv),
             numba.njit(cache=True, parallel=True)(next_conv_moments))
-
-
-_STENCILS: dict[tuple[int, int], tuple] = {}
-
-
-def _stencils(kh: int, kw: int) -> tuple:
-    """(next_conv, next_conv_moments) for a (kh, kw) kernel, made once per size and process."""
-    if (kh, kw) not in _STENCILS:
-        _STENCILS[kh, kw] = _stencil_kernels(kh, kw)
-    return _STENCILS[kh, kw]
 
 
 def _moment_value(out, i, h, w, k, pool, cell):
@@ -176,7 +160,7 @@ def next_conv(base: torch.Tensor, new: torch.Tensor, old: torch.Tensor, layer, c
     weight = layer.weight.detach()[:, channel].permute(1, 2, 0).contiguous().numpy()
     new, old = new[:, 0].contiguous().numpy(), old[:, 0].contiguous().numpy()
     stride, padding, dilation = tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation)
-    _next_conv, _next_conv_moments = _stencils(*weight.shape[:2])
+    _next_conv, _next_conv_moments = _stencil_kernels(*weight.shape[:2])
     if pool is None:
         _next_conv(source, new, old, weight, stride, padding, dilation, result)
         return None
