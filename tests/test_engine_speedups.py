@@ -356,3 +356,36 @@ def test_candidates_side_by_side_score_as_one_at_a_time(tensor):
     assert torch.equal(weights, results["reference"][1])
     assert torch.equal(torch.stack(scores), torch.stack(results["one-at-a-time"][2]))
     assert calls < results["one-at-a-time"][3]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_cache_fill_with_folded_pooling_equals_the_layers(kernels):
+    """A chunk's caches (the searched layer's input, the next linear layer's output) are filled with each conv
+    that a 2x2 average pooling follows run as one stride-2 conv (plan.PooledConv), below the searched layer,
+    at it and as the next layer: the same values as the model's own layers, in float64 up to rounding, for
+    every tensor of a narrow copy of the authors' net (poolings after conv1 and conv3)."""
+    from rso.engines.base import ChunkPartition, batch_statistics
+    from rso.engines.plan import PooledConv
+    from rso.models import authors_convnet
+
+    model = he_init_(authors_convnet(depth=6, channels=3), torch.Generator().manual_seed(5)).double()
+    images = torch.randn(24, 1, 12, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    labels = torch.randint(0, 10, (24,), generator=torch.Generator().manual_seed(7))
+    folded = 0
+    for target in visit_order(model):
+        engine = FastEngine(kernels=kernels)
+        partition = ChunkPartition(torch.randperm(24, generator=torch.Generator().manual_seed(8)), 12)
+        engine.begin_sweep(model, target, images, labels, partition)
+        try:
+            state = engine._chunk(1)
+            plan = engine.plan
+            folded += sum(isinstance(layer, PooledConv) for layer in engine._below)
+            stop = plan.next_index + 1 + isinstance(plan.next_layer, PooledConv)   # its pooling folded in
+            with batch_statistics(model):
+                inputs = nn.Sequential(*plan.layers[:plan.searched])(images[partition.indices(1)])
+                next_output = nn.Sequential(*plan.layers[plan.searched:stop])(inputs)
+            torch.testing.assert_close(state.inputs, inputs, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(state.next_output, next_output, rtol=1e-10, atol=1e-12)
+        finally:
+            engine.end_sweep()
+    assert folded > 0    # the pooled convs below a searched layer did run folded
