@@ -749,6 +749,11 @@ class FastEngine(ScoringEngine):
             state = self.chunks[chunk]
             if state.synced == len(self.log) - 1:   # the caches were current when scored: take the candidate's
                 # (the next layer's output follows when the chunk leaves the channel, see _sync)
+                if last[4] is None and self.partition.n_chunks > 1:
+                    # the fused block did not form the preactivation: the chunk stays one step behind, and its
+                    # next _sync adds this step with the other chunks' since, in the one pass it makes anyway
+                    # (the same sums, one pass over the channel fewer; its block output is derived then too)
+                    return
                 state.block_output = last[3][:, k:k + 1].clone()
                 if last[4] is not None:
                     state.preactivation = last[4][:, k:k + 1].clone()
