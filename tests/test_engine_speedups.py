@@ -181,8 +181,9 @@ def test_channel_block_equals_torch(pattern, tap, dtype, rtol):
                                                    True, 0.0, bn.eps)
             else:
                 x = layer(x)
-    moments = fused.block_moments(pre, source, steps, tap or (0, 0), block) if block.batchnorm is not None else None
-    got = fused.block_output(pre, source, steps, tap or (0, 0), block, channel, moments)
+    values, moments = fused.block_values(pre, source, steps, tap or (0, 0), block)
+    assert (moments is None) == (block.batchnorm is None)
+    got = fused.block_output(values, block, channel, moments)
     assert got.shape == x.shape
     torch.testing.assert_close(got, x, rtol=rtol, atol=rtol)
     # each candidate's output is one contiguous (N, 1, H', W') slab, as the next conv's kernel reads it

@@ -195,6 +195,7 @@ class FastEngine(ScoringEngine):
         self._lockstep = self.world.size > 1 and self._numba_path and spatial_suffix
         self._channel_block = self._fused_channel_block()
         self._block_buffer: torch.Tensor | None = None
+        self._block_values: torch.Tensor | None = None      # the candidates' BN inputs (fused.block_values)
         if isinstance(self.layer, nn.Conv2d) and target.kind == "weight":
             _, fan_in, height, width = self.layer.weight.shape
             self._per_channel = fan_in * height * width
@@ -254,7 +255,7 @@ class FastEngine(ScoringEngine):
     def end_sweep(self) -> None:
         self.chunks = {}
         self._buffers = {}
-        self._block_buffer = None
+        self._block_buffer = self._block_values = None
         self._last = None
         return_freed_memory()
 
@@ -414,10 +415,9 @@ class FastEngine(ScoringEngine):
         if block is None:
             return self._block(pre, channel, None)
         from rso.engines import fused
-        zero = torch.zeros(1, dtype=pre.dtype)
-        moments = None if block.batchnorm is None else fused.block_moments(pre, None, zero, (0, 0), block)
+        values, moments = fused.block_values(pre, None, torch.zeros(1, dtype=pre.dtype), (0, 0), block)
         combine = self.world.combine_moments if self.world.size > 1 else None
-        return fused.block_output(pre, None, zero, (0, 0), block, channel, moments, None, combine), channel, 1
+        return fused.block_output(values, block, channel, moments, None, combine), channel, 1
 
     def _basis(self, inputs: torch.Tensor, index: int) -> torch.Tensor | float:
         """d(preactivation of the changed channel) / d(element ``index``): (B, 1, ...) or 1."""
@@ -702,10 +702,11 @@ class FastEngine(ScoringEngine):
             stale = state.block_stale
             own = 0 if stale and steps[0].item() == 0 else count
             scored_steps = torch.cat([steps, steps.new_zeros(1)]) if stale and own == count else steps
-            moments = None if block.batchnorm is None else \
-                fused.block_moments(state.preactivation, source, scored_steps, tap, block)
-            out = fused.block_output(state.preactivation, source, scored_steps, tap, block, channel, moments,
-                                     self._block_buffer, self.world.combine_moments if self.world.size > 1 else None)
+            # each candidate's BN input once (the moments summed as it is written), then the block from it
+            self._block_values, moments = fused.block_values(state.preactivation, source, scored_steps, tap, block,
+                                                             self._block_values)
+            out = fused.block_output(self._block_values, block, channel, moments, self._block_buffer,
+                                     self.world.combine_moments if self.world.size > 1 else None)
             self._block_buffer = out.transpose(0, 1)
             if stale:
                 state.block_output, state.block_stale = out[:, own:own + 1].clone(), False

@@ -205,9 +205,10 @@ def _block_input(pre, inputs, unit, i, h, w, step, row, column, pool_first, cell
     return _block_value(pre, inputs, unit, i, h, w, step, row, column)
 
 
-def _block_moments(pre, inputs, unit, steps, row, column, pool_first, parts):
-    """Per candidate, the sums of its BN input minus a shift and of the square, over (N, H, W), in ``parts``
-    blocks of examples. Returns (sums (parts, 2, K), shift (K,)): the shift is the first example's first value."""
+def _block_values(pre, inputs, unit, steps, row, column, pool_first, values, parts):
+    """``values[k]`` = candidate k's BN input, (K, N, H', W'); and per candidate the sums of it minus a shift
+    and of the square, over (N, H', W'), in ``parts`` blocks of examples. Returns (sums (parts, 2, K), shift
+    (K,)): the shift is the first example's first value."""
     n, height, width = pre.shape
     if pool_first:
         height, width = height // 2, width // 2
@@ -225,7 +226,9 @@ def _block_moments(pre, inputs, unit, steps, row, column, pool_first, parts):
             for i in range(p * step, min(n, (p + 1) * step)):
                 for h in range(height):
                     for w in range(width):
-                        v = _block_input(pre, inputs, unit, i, h, w, steps[k], row, column, pool_first, rounded) - shift[k]
+                        x = _block_input(pre, inputs, unit, i, h, w, steps[k], row, column, pool_first, rounded)
+                        values[k, i, h, w] = x
+                        v = x - shift[k]
                         first += v
                         second += v * v
             sums[p, 0, k] = first
@@ -233,29 +236,26 @@ def _block_moments(pre, inputs, unit, steps, row, column, pool_first, parts):
     return sums, shift
 
 
-def _block_output(pre, inputs, unit, steps, row, column, pool_first, scale, bias, relu, pool, out):
-    """``out[k] = pool(relu(bn_input_k * scale[k] + bias[k]))`` for every candidate k; pool 0 none, 1 avg 2x2,
-    2 max 2x2. ``out`` is (K, N, H', W')."""
-    n = pre.shape[0]
-    count = steps.shape[0]
+def _block_output(values, scale, bias, relu, pool, out):
+    """``out[k] = pool(relu(values[k] * scale[k] + bias[k]))`` for every candidate k, ``values`` being the BN
+    inputs :func:`_block_values` wrote; pool 0 none, 1 avg 2x2, 2 max 2x2. ``out`` is (K, N, H', W')."""
+    count, n = values.shape[0], values.shape[1]
     for i in numba.prange(n):
-        cell = np.empty(1, pre.dtype)
         for k in range(count):
-            step = steps[k]
+            plane = values[k, i]
             if pool == 0:
                 for h in range(out.shape[2]):
                     for w in range(out.shape[3]):
-                        y = _block_input(pre, inputs, unit, i, h, w, step, row, column, pool_first, cell) * scale[k] + bias[k]
+                        y = plane[h, w] * scale[k] + bias[k]
                         out[k, i, h, w] = max(y, 0.0) if relu else y
             else:
                 for h in range(out.shape[2]):
                     for w in range(out.shape[3]):
-                        a = _block_input(pre, inputs, unit, i, 2 * h, 2 * w, step, row, column, pool_first, cell)
-                        b = _block_input(pre, inputs, unit, i, 2 * h, 2 * w + 1, step, row, column, pool_first, cell)
-                        d = _block_input(pre, inputs, unit, i, 2 * h + 1, 2 * w, step, row, column, pool_first, cell)
-                        e = _block_input(pre, inputs, unit, i, 2 * h + 1, 2 * w + 1, step, row, column, pool_first, cell)
-                        out[k, i, h, w] = _relu_pool_window(a * scale[k] + bias[k], b * scale[k] + bias[k],
-                                                            d * scale[k] + bias[k], e * scale[k] + bias[k], relu, pool)
+                        out[k, i, h, w] = _relu_pool_window(plane[2 * h, 2 * w] * scale[k] + bias[k],
+                                                            plane[2 * h, 2 * w + 1] * scale[k] + bias[k],
+                                                            plane[2 * h + 1, 2 * w] * scale[k] + bias[k],
+                                                            plane[2 * h + 1, 2 * w + 1] * scale[k] + bias[k],
+                                                            relu, pool)
 
 
 def _add_shifted_steps(pre, inputs, sources, rows, columns, steps, copy, out, height, width, in_h, in_w):
@@ -291,7 +291,7 @@ if numba is not None:
     _add_shifted_steps = numba.njit(cache=True, parallel=True)(_add_shifted_steps)
     _block_value = numba.njit(cache=True, inline="always")(_block_value)
     _block_input = numba.njit(cache=True, inline="always")(_block_input)
-    _block_moments = numba.njit(cache=True, parallel=True)(_block_moments)
+    _block_values = numba.njit(cache=True, parallel=True)(_block_values)
     _block_output = numba.njit(cache=True, parallel=True)(_block_output)
 
 
@@ -323,31 +323,32 @@ def channel_block(layers) -> ChannelBlock | None:
     return ChannelBlock(pool_first, batchnorm, relu, pool) if position == len(layers) else None
 
 
-def block_moments(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.Tensor, tap: tuple[int, int],
-                  block: ChannelBlock) -> tuple[np.ndarray, np.ndarray, int]:
-    """The moments ``(sums (parts, 2, K), shift (K,), count)`` of each candidate's BN input, the candidate's
+def block_values(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.Tensor, tap: tuple[int, int],
+                 block: ChannelBlock, out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
+    """Each candidate's BN input, (K, N, H', W') (into ``out`` when it has that shape), the candidate's
     preactivation being ``pre + steps[k] * basis``: ``pre`` (N, 1, H, W) contiguous, ``inputs`` the searched
-    conv's input channel (N, 1, H_in, W_in) (``None``: a bias, basis 1), ``tap`` the basis's shift
-    (kernel row - padding, kernel column - padding)."""
-    source, basis, unit = _block_arrays(pre, inputs)
-    sums, shift = _block_moments(source, basis, unit, steps.numpy(), tap[0], tap[1], block.pool_first,
-                                 numba.get_num_threads())
-    n, height, width = source.shape
-    count = n * (height // 2) * (width // 2) if block.pool_first else n * height * width
-    return sums, shift, count
-
-
-def block_output(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.Tensor, tap: tuple[int, int],
-                 block: ChannelBlock, channel: int, moments, out: torch.Tensor | None = None,
-                 combine_moments=None) -> torch.Tensor:
-    """The block's output for every candidate, (N, K, H', W') (a view of a (K, N, H', W') tensor, ``out``
-    when given), normalized with ``moments`` (from :func:`block_moments`: this process's examples; with
-    several workers ``combine_moments`` (``World.combine_moments``) makes them the whole chunk's)."""
+    conv's input channel (N, 1, H_in, W_in) (``None``: a bias, basis 1), ``tap`` the basis's shift (kernel row
+    - padding, kernel column - padding). With it, in the same pass, when the block has a BN, the moments of
+    each candidate's BN input ``(sums (parts, 2, K), shift (K,), count)`` over this process's examples (else
+    ``None``). :func:`block_output` then reads the values instead of forming them a second time."""
     source, basis, unit = _block_arrays(pre, inputs)
     n, height, width = source.shape
-    count = steps.shape[0]
     if block.pool_first:
         height, width = height // 2, width // 2
+    shape = (steps.shape[0], n, height, width)
+    if out is None or tuple(out.shape) != shape or out.dtype != pre.dtype or not out.is_contiguous():
+        out = torch.empty(shape, dtype=pre.dtype)
+    sums, shift = _block_values(source, basis, unit, steps.numpy(), tap[0], tap[1], block.pool_first, out.numpy(),
+                                numba.get_num_threads())
+    return out, (None if block.batchnorm is None else (sums, shift, n * height * width))
+
+
+def block_output(values: torch.Tensor, block: ChannelBlock, channel: int, moments, out: torch.Tensor | None = None,
+                 combine_moments=None) -> torch.Tensor:
+    """The block's output for every candidate, (N, K, H', W') (a view of a (K, N, H', W') tensor, ``out``
+    when given), from :func:`block_values`' BN inputs, normalized with its ``moments`` (this process's
+    examples; with several workers ``combine_moments`` (``World.combine_moments``) makes them the chunk's)."""
+    count, n, height, width = values.shape
     if block.pool != "none":
         height, width = height // 2, width // 2
     if block.batchnorm is not None:
@@ -355,9 +356,10 @@ def block_output(pre: torch.Tensor, inputs: torch.Tensor | None, steps: torch.Te
     else:
         scale, bias = np.ones(count), np.zeros(count)
     if out is None or tuple(out.shape) != (count, n, height, width):
-        out = torch.empty((count, n, height, width), dtype=pre.dtype)
-    _block_output(source, basis, unit, steps.numpy(), tap[0], tap[1], block.pool_first,
-                  scale.astype(source.dtype), bias.astype(source.dtype), block.relu, POOL_CODES[block.pool], out.numpy())
+        out = torch.empty((count, n, height, width), dtype=values.dtype)
+    array = values.numpy()
+    _block_output(array, scale.astype(array.dtype), bias.astype(array.dtype), block.relu, POOL_CODES[block.pool],
+                  out.numpy())
     return out.transpose(0, 1)
 
 
