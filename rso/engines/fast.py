@@ -556,8 +556,17 @@ class FastEngine(ScoringEngine):
             elif self.first_change[changed] >= state.synced:
                 # Q holds this channel as the sweep found it
                 self._flush(state)
-                old = self._channel_output(state, changed, self.start)[0]
-                new, pre, offset, size = self._channel_output(state, changed, current)
+                if self._numba_path and self._shifted_basis:
+                    # the current channel from the old one's preactivation plus the steps accepted on it this
+                    # sweep, in one pass (what score() and the caches do with steps; a second one-channel conv
+                    # costs about twice that at paper6's conv1)
+                    old, pre, offset, size = self._channel_output(state, changed, self.start)
+                    steps = [(change.index, change.step) for change in self.log if change.channel == changed]
+                    pre = self._plus_steps(pre, state.inputs, steps, in_place=not _same_memory(pre, old))
+                    new = self._block(pre, changed, None)[0]
+                else:
+                    old = self._channel_output(state, changed, self.start)[0]
+                    new, pre, offset, size = self._channel_output(state, changed, current)
                 state.channel, state.in_next, state.block_output, state.preactivation = changed, old, new, pre
                 state.span = (offset, size)
             else:   # the channel changed before and after the last sync (not row-major order): start over
