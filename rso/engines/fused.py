@@ -114,8 +114,15 @@ def _stencil_kernels(kh: int, kw: int):
 
     if numba is None:
         raise RuntimeError("the next-conv stencil is a numba kernel: install numba")
-    # numba caches a closure's compiled code per value of its constants (one entry per kernel size), as long
-    # as they are plain values: the kernels it calls are module globals, not closure variables
+    # numba caches a closure's compiled code per value of its constants, as long as they are plain values (the
+    # kernels it calls are module globals, not closure variables). Each kernel size gets a name of its own:
+    # with one name, the sizes shared one cache index and one symbol name, and a process that loaded two
+    # sizes from the cache could fail in the second ("SystemError: ... returned a result with an exception
+    # set", from "NRT_adapt_ndarray_to_python: descr is NULL"; seen once the cache had been rewritten by
+    # several processes and versions)
+    for kernel in (next_conv, next_conv_moments):
+        kernel.__name__ = f"{kernel.__name__}_{kh}x{kw}"
+        kernel.__qualname__ = f"{kernel.__qualname__}_{kh}x{kw}"
     return (numba.njit(cache=True, parallel=True)(next_conv),
             numba.njit(cache=True, parallel=True)(next_conv_moments))
 
