@@ -36,15 +36,14 @@ CANDIDATE_OVERHEAD = 0.01
 ELEMENT_COST = 4.0
 # How a conv visit's work compares with a cache fill's, per sample-equivalent, for the fast engine: fitted to the
 # per-tensor sweep times of results/bench/bench.json (paper6, batch 5000, fast engine with 1 and 2 workers, commit
-# 332d1ab, where the next conv's stencil sums its taps in registers and the suffix folds a conv with the average
-# pooling after it; the cost model folds it too). Replayed as 3 cycles through the ETA (``python -m
-# experiments.eta_check --replay results/bench/bench.json --batch-size 5000 --cycles 3 [--bench-config fast_2
-# --workers 2] --visit-work-scale S``), the largest error after the first sweep is 13.0%/9.3% at S = 0.8,
-# 8.1%/7.9% at 0.9, 6.7%/18.8% at 1.0, 11.6%/24.3% at 1.05; on the other bench run at the same commit
-# 8.8%/5.7% at 0.9 and 10.7%/15.1% at 1.05. It was 1.05 for the bench at cf1029c (before the faster stencil),
-# 1.2 at 5b8b1f8 (before the folding), and 0.7 before the fills got faster. A live run is the independent
-# check (README).
-VISIT_WORK_SCALE = 0.9
+# ac021db, where the fill also folds each pooled conv and a fill is costed as the layers it runs, not as a full
+# forward pass). Replayed as 3 cycles through the ETA (``python -m experiments.eta_check --replay
+# results/bench/bench.json --batch-size 5000 --cycles 3 [--bench-config fast_2 --workers 2] --visit-work-scale
+# S``), the largest error after the first sweep is 15.0%/7.8% at S = 0.8, 9.9%/8.3% at 0.85, 8.9%/9.5% at 0.86,
+# 4.9%/14.3% at 0.9, 13.4%/26.4% at 1.0 (with fills costed as full forward passes, as before: 40.5%/47.5% at
+# 0.9, 10.4%/7.7% at 1.4). It was 0.9 for the bench at 332d1ab (fills as full passes), 1.05 at cf1029c, 1.2 at
+# 5b8b1f8 (before the folding), and 0.7 before the fills got faster. A live run is the independent check (README).
+VISIT_WORK_SCALE = 0.86
 # With ``--search-bn fixed-below`` (the authors' BN handling) and several workers, a sweep's cache fill runs the
 # layers below in inference mode, without the per-chunk BN collectives a chunk-statistics fill needs. When those
 # collectives took a float64 copy and a var_mean (before be503bb) that made the fill cost 0.55-0.64 of the
@@ -193,7 +192,11 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
         # a candidate of the output layer is a rank-one update of the cached logits: no cached tensors to move
         if not plan.head_only:
             candidate += CANDIDATE_OVERHEAD * full
-        setup = used * fill + statistics_samples * sum(costs[:plan.searched]) / full
+        # the fill: the layers up to the next linear layer (its pooling folded in), each pooled conv folded
+        # (the fast engine); other engines' fills are counted as a full forward pass
+        stop = len(costs) if plan.next_layer is None else plan.next_index + 1 + (plan.next_index in folded)
+        reach = sum(run_cost(index) for index in range(stop)) / full if fold else 1.0
+        setup = used * fill * reach + statistics_samples * sum(costs[:plan.searched]) / full
         result[target.name] = SweepCost(setup, VISIT_WORK_SCALE * N_CANDIDATES * batch_size * candidate / full,
                                         target.numel, evaluation_samples, looped=not (plan.head_only and fused_head))
     return result
