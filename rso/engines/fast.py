@@ -196,6 +196,7 @@ class FastEngine(ScoringEngine):
         self._channel_block = self._fused_channel_block()
         self._block_buffer: torch.Tensor | None = None
         self._block_values: torch.Tensor | None = None      # the candidates' BN inputs (fused.block_values)
+        self._visited_chunks = partition.n_chunks           # the chunks the sweep visits (run_sweep knows)
         if isinstance(self.layer, nn.Conv2d) and target.kind == "weight":
             _, fan_in, height, width = self.layer.weight.shape
             self._per_channel = fan_in * height * width
@@ -759,10 +760,12 @@ class FastEngine(ScoringEngine):
             state = self.chunks[chunk]
             if state.synced == len(self.log) - 1:   # the caches were current when scored: take the candidate's
                 # (the next layer's output follows when the chunk leaves the channel, see _sync)
-                if last[4] is None and self.partition.n_chunks > 1:
+                state.current_loss, state.loss_version = last[5][k].item(), len(self.log)
+                if last[4] is None and self._visited_chunks > 1:
                     # the fused block did not form the preactivation: the chunk stays one step behind, and its
                     # next _sync adds this step with the other chunks' since, in the one pass it makes anyway
-                    # (the same sums, one pass over the channel fewer; its block output is derived then too)
+                    # (the same sums, one pass over the channel fewer; its block output is derived then too).
+                    # A sweep on one chunk keeps the eager update: its next visit would sync at once.
                     return
                 state.block_output = last[3][:, k:k + 1].clone()
                 if last[4] is not None:
@@ -770,7 +773,6 @@ class FastEngine(ScoringEngine):
                 else:   # the fused block did not form it: the same arithmetic as the candidate's
                     state.preactivation = self._plus_steps(state.preactivation, state.inputs, [(index, last[8][k])])
                 state.synced = len(self.log)
-                state.current_loss, state.loss_version = last[5][k].item(), len(self.log)
 
     def run_sweep(self, chunks: torch.Tensor, steps: torch.Tensor, weight_decay: float, stats, progress,
                   start_visit: int = 0, checkpoint=None) -> None:
@@ -778,6 +780,7 @@ class FastEngine(ScoringEngine):
         per-visit loop otherwise. Caches are built from the weights as they are, so a sweep resumed at a visit
         starts from fresh caches."""
         from rso.search.loop import visit_each_weight
+        self._visited_chunks = len(set(chunks.tolist()))
         self.prebuild(sorted(set(chunks.tolist())))
         resumable = {"start_visit": start_visit, "checkpoint": checkpoint}
         if self.plan.head_only and self.use_numba() and self.world.size == 1:
