@@ -192,9 +192,9 @@ def sweep_costs(model: nn.Module, targets: list[SearchTarget], example: torch.Te
         # a candidate of the output layer is a rank-one update of the cached logits: no cached tensors to move
         if not plan.head_only:
             candidate += CANDIDATE_OVERHEAD * full
-        # the fill: the layers up to the next linear layer (its pooling folded in), each pooled conv folded
-        # (the fast engine); other engines' fills are counted as a full forward pass
-        stop = len(costs) if plan.next_layer is None else plan.next_index + 1 + (plan.next_index in folded)
+        # the fill: the layers up to the next linear layer, each pooled conv folded (the fast engine; a pooling
+        # folded into a conv costs nothing in run_cost); other engines' fills are counted as a full forward pass
+        stop = len(costs) if plan.next_layer is None else plan.next_index + 1
         reach = sum(run_cost(index) for index in range(stop)) / full if fold else 1.0
         setup = used * fill * reach + statistics_samples * sum(costs[:plan.searched]) / full
         result[target.name] = SweepCost(setup, VISIT_WORK_SCALE * N_CANDIDATES * batch_size * candidate / full,

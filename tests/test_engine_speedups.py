@@ -25,21 +25,29 @@ def conv_net() -> nn.Sequential:
     return he_init_(model, torch.Generator().manual_seed(3)).double()
 
 
+def count_calls(monkeypatch, method: str, counted=lambda *args, **kwargs: True) -> list:
+    """A list that gets one entry per call of ``FastEngine.<method>`` whose arguments ``counted`` accepts
+    (clear it to restart the count); the method runs as before."""
+    calls = []
+    original = getattr(_FastEngine, method)
+
+    def counting(self, *args, **kwargs):
+        if counted(*args, **kwargs):
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_FastEngine, method, counting)
+    return calls
+
+
 @pytest.mark.parametrize("kernels", ["torch", "numba"])
 def test_next_layer_output_follows_once_per_channel(kernels, monkeypatch):
     """Accepted steps leave the next layer's cached output behind until the chunk moves to another channel:
     one update per channel left, not one per accepted step, with the reference's decisions and weights."""
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(40, 1, 8, 8, generator=generator, dtype=torch.float64), torch.arange(40) % 10
-    updates = []
-    through_next = _FastEngine._through_next
-
-    def counting(self, *args, **kwargs):
-        if kwargs.get("update") or (len(args) > 6 and args[6]):
-            updates.append(1)
-        return through_next(self, *args, **kwargs)
-
-    monkeypatch.setattr(_FastEngine, "_through_next", counting)
+    updates = count_calls(monkeypatch, "_through_next",
+                          lambda *args, **kwargs: kwargs.get("update") or (len(args) > 6 and args[6]))
     results = {}
     for engine_name in ("reference", "fast"):
         model = conv_net()
@@ -416,14 +424,7 @@ def test_a_chunk_left_behind_by_its_accepted_step_scores_as_the_reference(chunki
     recomputed: 3 suffix passes for the first visit and 2 for each one after it."""
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(40, 1, 8, 8, generator=generator, dtype=torch.float64), torch.arange(40) % 10
-    passes = []
-    run_suffix = _FastEngine._run_suffix
-
-    def counting(self, *args, **kwargs):
-        passes.append(1)
-        return run_suffix(self, *args, **kwargs)
-
-    monkeypatch.setattr(_FastEngine, "_run_suffix", counting)
+    passes = count_calls(monkeypatch, "_run_suffix")
     results = {}
     for engine_name in ("reference", "fast"):
         model = conv_net()

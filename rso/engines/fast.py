@@ -780,8 +780,9 @@ class FastEngine(ScoringEngine):
         per-visit loop otherwise. Caches are built from the weights as they are, so a sweep resumed at a visit
         starts from fresh caches."""
         from rso.search.loop import visit_each_weight
-        self._visited_chunks = len(set(chunks.tolist()))
-        self.prebuild(sorted(set(chunks.tolist())))
+        visited = sorted(set(chunks.tolist()))
+        self._visited_chunks = len(visited)
+        self.prebuild(visited)
         resumable = {"start_visit": start_visit, "checkpoint": checkpoint}
         if self.plan.head_only and self.use_numba() and self.world.size == 1:
             # (the fused loop decides inside numba; with several workers each visit's losses are reduced first)
