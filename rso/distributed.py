@@ -56,9 +56,10 @@ class World:
     the default process group.
     """
 
-    def __init__(self, rank: int = 0, size: int = 1, device: torch.device | None = None):
+    def __init__(self, rank: int = 0, size: int = 1, device: torch.device | None = None, group=None):
         self.rank, self.size = rank, size
         self.device = device or torch.device("cpu")     # where NCCL wants the tensors it reduces
+        self.group = group      # a one-thread gloo backend for the per-visit gathers on CPU (None: the default group)
         self.collectives = 0
         fault = os.environ.get("RSO_FAULT_RANK")
         self._fault_rank = int(fault) if fault not in (None, "") else None
@@ -86,7 +87,10 @@ class World:
 
         local = local.detach().to(self.device, torch.float64).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.size)]
-        dist.all_gather(parts, local)
+        if self.group is not None:
+            self.group.allgather([parts], [local]).wait()
+        else:
+            dist.all_gather(parts, local)
         return torch.stack(parts).cpu()
 
     def sum(self, local: torch.Tensor) -> torch.Tensor:
@@ -251,7 +255,27 @@ def init_world(device: torch.device, rank: int | None = None, size: int | None =
     timeout = timeout_s if timeout_s is not None else float(os.environ.get("RSO_DIST_TIMEOUT", "1800"))
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=timeout))
-    return World(rank, size, device if backend == "nccl" else torch.device("cpu"))
+    if backend == "nccl":
+        return World(rank, size, device)
+    return World(rank, size, torch.device("cpu"), group=_one_thread_gloo(rank, size, timeout))
+
+
+def _one_thread_gloo(rank: int, size: int, timeout: float):
+    """A second gloo backend over the default group's store, with one worker thread where gloo's default
+    has two. The engines' gathers are small and many (about six a visit); on a 2-core machine a gather of
+    ~1 KB took 650-750 us and 470 us of CPU with two threads, 240 us and 170 us of CPU with one
+    (benchmarks/gloo_latency.py). ``RSO_GLOO_THREADS`` overrides the count (0: use the default group)."""
+    import torch.distributed as dist
+
+    threads = int(os.environ.get("RSO_GLOO_THREADS", "1"))
+    if threads <= 0:
+        return None
+    options = dist.ProcessGroupGloo._Options()
+    options._threads = threads
+    options._timeout = datetime.timedelta(seconds=timeout)
+    options._devices = [dist.ProcessGroupGloo.create_default_device()]
+    store = dist.PrefixStore("rso_gathers/", dist.distributed_c10d._get_default_store())
+    return dist.ProcessGroupGloo(store, rank, size, options)
 
 
 def stamp_failure(error: BaseException) -> None:
