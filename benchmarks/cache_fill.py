@@ -1,10 +1,11 @@
 """Time the fast engine's cache fill of paper6 sweeps in one process: ``begin_sweep`` and every chunk's caches
 (the layers below the searched one and up to the next linear layer), all 60,000 MNIST training examples at
-batch 5000, one thread.
+batch 5000, one thread per worker.
 
-    python benchmarks/cache_fill.py [--tensors 18.bias,3.weight,0.weight]
+    python benchmarks/cache_fill.py [--tensors 18.bias,3.weight,0.weight] [--workers 2]
 
-Prints the machine and the seconds per tensor; the first tensor is filled once before anything is timed (the
+Prints the machine and the seconds per tensor (with several workers, rank 0's, each rank holding its share of
+every chunk and BN statistics gathered over the ranks); the first tensor is filled once before anything is timed (the
 numba kernels compile or load). Needs MNIST (RSO_DATA_DIR or ../shared/data).
 """
 
@@ -31,6 +32,7 @@ def fill(engine, model, target, images, labels, batch_size: int) -> float:
 
     partition, chunks, _ = draw_sweep(target, len(labels), batch_size, target.sigma, gaussian_steps,
                                       torch.Generator().manual_seed(1))
+    partition.world = engine.world      # each rank holds its share of every chunk
     began = time.perf_counter()
     engine.begin_sweep(model, target, images, labels, partition)
     try:
@@ -42,31 +44,49 @@ def fill(engine, model, target, images, labels, batch_size: int) -> float:
         engine.end_sweep()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tensors", default="18.bias,3.weight,0.weight")
-    parser.add_argument("--batch-size", type=int, default=5000)
-    args = parser.parse_args()
+def fills(names: list[str], batch_size: int) -> int:
     from sweep_sample import load_target
     from rso.engines import FastEngine
     from rso.search.visit import visit_order
 
-    if "RSO_DATA_DIR" not in os.environ:
-        os.environ["RSO_DATA_DIR"] = str(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
-    distributed.set_threads(1)
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.init_world(torch.device("cpu")) if size > 1 else distributed.LOCAL
+    try:
+        distributed.set_threads(1)
+        images, labels, model, _ = load_target("paper6", names[0])
+        targets = {target.name: target for target in visit_order(model)}
+        if world.is_main:
+            print(f"# {platform.machine()}, torch {torch.__version__}, {world.size} worker(s), 1 thread each, "
+                  f"batch {batch_size}, all {len(labels)} examples", flush=True)
+        # compile or load the kernels first
+        fill(FastEngine(world=world), model, targets[names[0]], images, labels, batch_size)
+        for name in names:
+            seconds = fill(FastEngine(world=world), model, targets[name], images, labels, batch_size)
+            if world.is_main:
+                print(f"{name}: cache fill of every chunk {seconds:.2f} s", flush=True)
+        return 0
+    finally:
+        distributed.close_world(world)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensors", default="18.bias,3.weight,0.weight")
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    from sweep_sample import run_workers
+    from rso.search.visit import visit_order
+    from rso.models import build_model
+
     names = args.tensors.split(",")
-    images, labels, model, _ = load_target("paper6", names[0])
-    targets = {target.name: target for target in visit_order(model)}
-    unknown = [name for name in names if name not in targets]
+    known = [target.name for target in visit_order(build_model("paper6"))]
+    unknown = [name for name in names if name not in known]
     if unknown:
-        parser.error(f"paper6 has no tensor {', '.join(unknown)}; its tensors: {', '.join(targets)}")
-    print(f"# {platform.machine()}, torch {torch.__version__}, 1 thread, "
-          f"batch {args.batch_size}, all {len(labels)} examples")
-    fill(FastEngine(), model, targets[names[0]], images, labels, args.batch_size)   # compile or load the kernels
-    for name in names:
-        seconds = fill(FastEngine(), model, targets[name], images, labels, args.batch_size)
-        print(f"{name}: cache fill of every chunk {seconds:.2f} s")
-    return 0
+        parser.error(f"paper6 has no tensor {', '.join(unknown)}; its tensors: {', '.join(known)}")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return run_workers(args.workers, fills, (names, args.batch_size))
 
 
 if __name__ == "__main__":
