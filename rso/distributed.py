@@ -60,6 +60,8 @@ class World:
         self.rank, self.size = rank, size
         self.device = device or torch.device("cpu")     # where NCCL wants the tensors it reduces
         self.group = group      # a one-thread gloo backend for the per-visit gathers on CPU (None: the default group)
+        self._watched: Callable[[], bool] | None = None
+        self.flagged = False    # see watch()
         self.collectives = 0
         fault = os.environ.get("RSO_FAULT_RANK")
         self._fault_rank = int(fault) if fault not in (None, "") else None
@@ -73,6 +75,13 @@ class World:
     def __repr__(self) -> str:
         return f"World(rank={self.rank}, size={self.size})"
 
+    def watch(self, flag: Callable[[], bool] | None) -> None:
+        """Carry this rank's ``flag()`` (e.g. "a signal asked this process to stop") on every :meth:`gather`
+        from now on: :attr:`flagged` becomes true on every rank, at the same gather, once any rank's flag was
+        true. It costs no collective of its own, where a per-visit :meth:`any` cost one (about 1 ms with gloo
+        on a 2-core machine: a 2-worker ``oneconv`` sweep took 1.5x as long). ``None`` stops watching."""
+        self._watched, self.flagged = flag, False
+
     # ------------------------------------------------------------------------------------------ reductions
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """(size, ...) float64: every rank's ``local``, stacked in rank order (on the CPU)."""
@@ -85,13 +94,21 @@ class World:
             raise InjectedFault(f"injected fault at collective {self.collectives} (RSO_FAULT_RANK={self.rank})")
         import torch.distributed as dist
 
-        local = local.detach().to(self.device, torch.float64).contiguous()
-        parts = [torch.empty_like(local) for _ in range(self.size)]
+        shape = local.shape
+        flat = local.detach().to(self.device, torch.float64).reshape(-1)
+        if self._watched is not None:   # one more element: this rank's flag
+            flat = torch.cat([flat, flat.new_full((1,), 1.0 if self._watched() else 0.0)])
+        flat = flat.contiguous()
+        parts = [torch.empty_like(flat) for _ in range(self.size)]
         if self.group is not None:
-            self.group.allgather([parts], [local]).wait()
+            self.group.allgather([parts], [flat]).wait()
         else:
-            dist.all_gather(parts, local)
-        return torch.stack(parts).cpu()
+            dist.all_gather(parts, flat)
+        gathered = torch.stack(parts).cpu()
+        if self._watched is not None:
+            self.flagged = self.flagged or bool(gathered[:, -1].any())
+            gathered = gathered[:, :-1]
+        return gathered.reshape(self.size, *shape)
 
     def sum(self, local: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of ``local`` (float64, summed in rank order); ``local`` itself in a world of one."""

@@ -451,6 +451,7 @@ class Trainer:
                              "accept": f"{accepted / max(visits, 1):.2f}"}, refresh=False)
 
         INTERRUPTS.defer(True)   # SIGINT/SIGTERM: checkpoint at the next visit, then stop
+        self.world.watch(lambda: INTERRUPTS.requested is not None)     # each gather carries the flag (stop_seen)
         try:
             while progress.cycle < config.cycles:
                 cycle = progress.cycle
@@ -509,12 +510,20 @@ class Trainer:
                         break
         finally:
             bar.close()
+            self.world.watch(None)
         return None
 
     def stop_requested(self) -> bool:
         """Did SIGINT/SIGTERM ask the run to stop? With several workers, any rank's signal stops them all at
         the same visit (every rank calls this at the same points)."""
         return self.world.any(INTERRUPTS.requested is not None)
+
+    def stop_seen(self) -> bool:
+        """:meth:`stop_requested` between visits, with no collective of its own: with several workers, the
+        flag that rides on every gather (``World.watch``), the same on every rank after the same visit."""
+        if self.world.size == 1:
+            return INTERRUPTS.requested is not None
+        return self.world.flagged
 
     def _sweep_checkpoint(self, target, generator_state: torch.Tensor, sweep_start: float, earlier: float):
         """The hook ``run_sweep`` calls between visits: a checkpoint every ``checkpoint_every`` seconds and
@@ -523,7 +532,7 @@ class Trainer:
 
         def checkpoint(visit: int, stats: SweepStats) -> None:
             nonlocal last_save
-            requested = self.stop_requested()
+            requested = self.stop_seen()
             if visit >= target.numel or not (requested or time.monotonic() - last_save >= self.config.checkpoint_every):
                 return      # (the end of a sweep has its own checkpoint)
             self.save(sweep={"visit": visit, "accepted": stats.accepted, "loss_sum": stats.loss_sum,

@@ -179,6 +179,44 @@ def test_shares_cover_a_chunk_once():
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+WATCH_SCRIPT = """
+import sys, torch
+from rso import distributed
+
+def work():
+    world = distributed.init_world(torch.device("cpu"))
+    box = {"flag": False}
+    world.watch(lambda: box["flag"])
+    seen = []
+    for step in range(6):
+        if world.rank == 1 and step == 2:
+            box["flag"] = True      # as a signal handler would set it, between two gathers
+        local = torch.full((2, 3), float(10 * world.rank + step))
+        got = world.gather(local)
+        want = torch.stack([torch.full((2, 3), float(step)), torch.full((2, 3), float(10 + step))]).double()
+        assert torch.equal(got, want), (step, got)
+        seen.append(world.flagged)
+    assert seen == [False, False, True, True, True, True], (world.rank, seen)
+    world.watch(None)
+    world.gather(torch.zeros(1))    # unwatched: the element is gone again (both ranks agree on the size)
+    assert not world.flagged
+    distributed.close_world(world)
+
+if __name__ == "__main__":
+    sys.exit(distributed.launch(2, work))
+"""
+
+
+def test_a_watched_flag_rides_on_the_gathers_and_every_rank_sees_it_at_once(tmp_path):
+    """World.watch: one rank's flag (a stop a signal asked for) reaches every rank in the next gather, with
+    no collective of its own, and the gathered values are unchanged."""
+    script = tmp_path / "watch.py"
+    script.write_text(WATCH_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _processes_with(marker: str) -> list[int]:
     """Live processes whose environment holds ``marker`` (a launcher's workers inherit its environment)."""
     found = []
