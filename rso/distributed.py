@@ -157,6 +157,22 @@ class World:
         variance = torch.as_tensor(variance, dtype=torch.float64).to(x.device, stat)
         return F.batch_norm(x, mean, variance, weight, bias, False, 0.0, eps)
 
+    def batch_norm_columns(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           eps: float) -> torch.Tensor:
+        """Train-mode BN of ``x`` (N, K, ...) whose K columns hold the same values (one channel, expanded:
+        the candidates of a searched BN's weight or bias differ only in ``weight``/``bias``, one entry per
+        column). The statistics are those of the first column, reduced once (one float64-accumulating pass
+        over this rank's share, combined over the ranks); then the inference form. A world of one takes the
+        same path, so 1 and N workers run the same arithmetic."""
+        column = x[:, :1]
+        mean, variance, count = local_moments(column if column.is_contiguous() else column.contiguous())
+        mean, variance = self.combine_moments(count, mean, variance)
+        stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        columns = x.shape[1]
+        mean = torch.as_tensor(mean, dtype=torch.float64).reshape(1).to(x.device, stat).expand(columns)
+        variance = torch.as_tensor(variance, dtype=torch.float64).reshape(1).to(x.device, stat).expand(columns)
+        return F.batch_norm(x, mean, variance, weight, bias, False, 0.0, eps)
+
     @contextlib.contextmanager
     def batch_statistics(self, model: nn.Module, fixed: dict | None = None) -> Iterator[None]:
         """``rso.engines.base.batch_statistics`` (BN on batch statistics, running statistics untouched), with

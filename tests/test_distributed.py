@@ -166,6 +166,22 @@ def test_a_workers_batch_norm_equals_one_process(dtype, layout):
     torch.testing.assert_close(got.to(parameters), want, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("world", [distributed.LOCAL, _TwoRanksHere()], ids=["one", "several"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_norm_of_repeated_columns_equals_train_mode(world, dtype):
+    """World.batch_norm_columns (a searched BN's candidates: one channel expanded, a weight and bias per
+    column) against F.batch_norm's training form on the expanded tensor."""
+    generator = torch.Generator().manual_seed(5)
+    column = (2.0 + 3.0 * torch.randn(7, 1, 5, 5, generator=generator, dtype=torch.float64)).to(dtype)
+    x = column.expand(-1, 3, -1, -1)
+    weight = torch.tensor([0.5, 1.0, -2.0], dtype=dtype)
+    bias = torch.tensor([0.1, -0.3, 0.0], dtype=dtype)
+    got = world.batch_norm_columns(x, weight, bias, 1e-3)
+    want = torch.nn.functional.batch_norm(x.contiguous(), None, None, weight, bias, True, 0.0, 1e-3)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
 def test_a_worker_without_examples_contributes_no_moments():
     mean, variance, count = distributed.local_moments(torch.empty(0, 4, 3, 3))
     assert count == 0 and not torch.as_tensor(mean).isnan().any() and not torch.as_tensor(variance).isnan().any()

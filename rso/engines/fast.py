@@ -471,6 +471,10 @@ class FastEngine(ScoringEngine):
                     weight = None if layer.weight is None else layer.weight[offset:offset + size].repeat(count)
                     bias = None if layer.bias is None else layer.bias[offset:offset + size].repeat(count)
                 shape = x.shape
+                if layer is self.layer and count > 1 and x.stride(1) == 0:
+                    # the candidates share the channel's values (an expand): its statistics once, not per column
+                    x = self.world.batch_norm_columns(x, weight, bias, layer.eps)
+                    continue
                 flat = x if spatial else x.reshape(shape[0], -1)
                 x = self.world.batch_norm(flat, weight, bias, layer.eps).view(shape)
             elif isinstance(layer, nn.ReLU):
