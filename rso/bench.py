@@ -14,6 +14,8 @@ What is timed (every configuration runs in fresh processes, one torch and one nu
   more. Visits are classed as chunk first visits (cache fills), channel moves and the rest; the sweep is
   projected as the sum over classes of (visits of that class in the whole sweep) x (their mean time in the
   sample). Tensors the sample covers (biases, BN) and fused sweeps (the output layer) are timed whole.
+  The two run ``--repeats`` times (default 2), alternated (1 worker, N, 1, N): the table shows the mean, and a
+  line gives each pair's cycles and ratio (this machine's speed drifts by 10-20% within an hour).
 - prefix-cache: the first ``--prefix-visits`` visits of each tensor's sweep after filling the caches of the
   chunks they use; projected as (fill time per chunk x chunks) + (visits x mean visit time).
 - reference: three full forward passes per visit whatever the tensor: ``--reference-visits`` visits on
@@ -374,6 +376,20 @@ def conv_floor(name: str, batch_size: int, device: torch.device, dtype: torch.dt
             "per_tensor_s": per_tensor, "cycle_s": sum(per_tensor.values())}
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """Several runs of one configuration as one: each tensor's mean seconds (its runs' in ``runs_s``), each
+    run's cycle in ``cycle_runs_s``, the highest peak memory per worker."""
+    rows = {}
+    for tensor, first in runs[0]["rows"].items():
+        seconds = [run["rows"][tensor]["sweep_s"] for run in runs]
+        rows[tensor] = {**first, "sweep_s": sum(seconds) / len(seconds), "runs_s": seconds}
+    merged = {"rows": rows, "seconds": sum(run["seconds"] for run in runs),
+              "cycle_runs_s": [sum(row["sweep_s"] for row in run["rows"].values()) for run in runs]}
+    if all("peak_memory_gb" in run for run in runs):
+        merged["peak_memory_gb"] = [max(values) for values in zip(*(run["peak_memory_gb"] for run in runs))]
+    return merged
+
+
 def bench_case(name: str, batch_size: int, args, device: torch.device, ceiling: dict | None = None) -> dict:
     """Every configuration of one model and batch size; ``ceiling``: :func:`parallel_ceiling`'s measurement,
     which divides the convolution floor for N workers (N when not measured)."""
@@ -390,7 +406,22 @@ def bench_case(name: str, batch_size: int, args, device: torch.device, ceiling: 
         configurations["cycle_1"] = ({**base, "engine": "cycle", "label": "fast 1 worker, full cycle"}, 1)
         configurations[f"cycle_{n}"] = ({**base, "engine": "cycle", "label": f"fast {n} workers, full cycle"}, n)
     results = {}
+    # the fast engine on 1 and on N workers, alternated --repeats times: the machine's speed drifts over a
+    # bench, and a ratio of two runs minutes apart carried that drift; the table shows each run's mean
+    repeats = max(1, getattr(args, "repeats", 1))
+    fast = ["fast_1", f"fast_{n}"]
+    runs = {key: [] for key in fast}
+    for repeat in range(repeats):
+        for key in fast:
+            spec, workers = configurations[key]
+            print(f"  {name} batch {batch_size}: {spec['label']}"
+                  + (f" (run {repeat + 1} of {repeats}, alternated)" if repeats > 1 else ""), flush=True)
+            runs[key].append(run_configuration(spec, workers))
+    for key in fast:
+        results[key] = merge_runs(runs[key])
     for key, (spec, workers) in configurations.items():
+        if key in fast:
+            continue
         print(f"  {name} batch {batch_size}: {spec['label']}", flush=True)
         results[key] = run_configuration(spec, workers)
     model = build_model(name)
@@ -432,6 +463,10 @@ def table(case: dict) -> str:
     lines.append(f"  cycle: fast 1 worker {cycle['fast_1']:.1f} s, fast {n} workers {cycle[f'fast_{n}']:.1f} s, "
                  f"prefix-cache {cycle['prefix']:.1f} s, reference {cycle['reference']:.0f} s "
                  f"({case['reference_per_visit_s']:.3f} s a visit, sampled)")
+    runs_1, runs_n = (case["configurations"][key].get("cycle_runs_s", []) for key in ("fast_1", f"fast_{n}"))
+    if len(runs_1) > 1 and len(runs_1) == len(runs_n):
+        pairs = ", ".join(f"{one:.1f} / {many:.1f} s ({one / many:.2f}x)" for one, many in zip(runs_1, runs_n))
+        lines.append(f"  fast 1 worker / {n} workers, run by run (alternated; the cycle above is their mean): {pairs}")
     for key, error in case.get("projection_vs_measured", {}).items():
         workers = key.split("_")[1]
         lines.append(f"  full cycle measured outright, fast {workers} worker(s): {cycle[key]:.1f} s; the projection "
@@ -504,12 +539,17 @@ def main(argv: list[str] | None = None) -> dict:
                         "--quick: a scratch folder)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 6000 examples, few visits, "
                         "written to a scratch folder")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the fast engine on 1 and on N workers, "
+                        "alternated; the table shows their mean (2; --quick: 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.workers < 1 or args.threads < 1:
         parser.error("--workers and --threads must be positive")
     if args.quick:
         args.extra_visits, args.prefix_visits, args.reference_visits, args.reference_tensors = 2, 2, 1, 1
+        args.repeats = 1
         args.train_subset = args.train_subset or 6000
         if args.output is not None and Path(args.output).resolve() == Path(DEFAULT_OUTPUT).resolve():
             parser.error(f"--quick never writes over the committed {DEFAULT_OUTPUT}")

@@ -71,3 +71,24 @@ def test_the_convolution_floor_counts_the_convs_after_the_next_layer():
     assert per_tensor["0.weight"] == pytest.approx(144 * 3 * 100 * (pooled[3] / 16 + conv[7] + pooled[10] + conv[14] + conv[17]))
     assert per_tensor["7.weight"] == pytest.approx(2304 * 3 * 100 * (pooled[10] / 16 + conv[14] + conv[17]))
     assert floor["cycle_s"] == pytest.approx(sum(per_tensor.values()))
+
+
+def test_repeated_runs_are_merged_by_their_mean_and_reported_pair_by_pair():
+    """--repeats: each tensor's seconds are the runs' mean, every run's cycle is kept, memory is the highest;
+    the table prints each alternated pair's cycles and ratio."""
+    def run(a, b, memory):
+        return {"rows": {"w": {"sweep_s": a, "visits": 4, "whole": False}, "b": {"sweep_s": b, "visits": 1,
+                                                                              "whole": True}},
+                "seconds": a + b, "peak_memory_gb": memory}
+    merged = bench.merge_runs([run(10.0, 2.0, [1.0, 3.0]), run(14.0, 4.0, [2.0, 2.5])])
+    assert merged["rows"]["w"]["sweep_s"] == 12.0 and merged["rows"]["w"]["runs_s"] == [10.0, 14.0]
+    assert merged["rows"]["b"]["whole"] and merged["cycle_runs_s"] == [12.0, 18.0]
+    assert merged["peak_memory_gb"] == [2.0, 3.0]
+    many = bench.merge_runs([run(6.0, 1.0, [1.0]), run(8.0, 2.0, [1.0])])
+    case = {"model": "m", "batch_size": 8, "weights_per_cycle": 5, "workers": 2, "tensors": ["w", "b"],
+            "numel": {"w": 4, "b": 1}, "reference_per_visit_s": 1.0,
+            "configurations": {"fast_1": merged, "fast_2": many, "prefix": run(20.0, 5.0, [1.0])},
+            "cycle_s": {"fast_1": 15.0, "fast_2": 8.5, "prefix": 25.0, "reference": 100.0},
+            "peak_memory_gb": {"fast_1": [3.0]}}
+    text = bench.table(case)
+    assert "run by run (alternated; the cycle above is their mean): 12.0 / 7.0 s (1.71x), 18.0 / 10.0 s (1.80x)" in text
