@@ -403,17 +403,17 @@ def test_cache_fill_with_folded_pooling_equals_the_layers(kernels):
 def test_a_one_channel_input_gives_a_channels_last_conv_output():
     """The images (one channel): the engine's convolutions write channels-last, which the BN pass after them
     reads without a copy, with the values of an NCHW convolution."""
-    from rso.engines.fast import _channels_last
+    from rso.engines.base import channels_last
 
     images = torch.randn(6, 1, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     weight = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    x = _channels_last(images)
+    x = channels_last(images)
     assert x.data_ptr() == images.data_ptr() and torch.equal(x, images)
     out = torch.nn.functional.conv2d(x, weight, padding=1)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, torch.nn.functional.conv2d(images, weight, padding=1), rtol=1e-12, atol=1e-12)
     wide = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    assert _channels_last(wide).is_contiguous(memory_format=torch.channels_last)
+    assert channels_last(wide).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("chunking", ["per-sweep", "per-visit"])

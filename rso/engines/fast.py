@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rso.distributed import LOCAL, World
-from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, return_freed_memory, summed_cross_entropy
+from rso.engines.base import (ChunkPartition, FixedStatistics, ScoringEngine, channels_last, return_freed_memory,
+                              summed_cross_entropy)
 from rso.engines.plan import (ChannelOps, PooledConv, SweepPlan, _foldable, fold_pooled_convs, group_channel_ops,
                               plan_sweep, unsupported_reason)
 from rso.search.visit import BATCHNORMS, SearchTarget
@@ -104,17 +105,6 @@ class _Chunk:
     current_loss: float | None = None   # the chunk's loss under the weights of log length ``loss_version``
     loss_version: int = -1
     block_stale: bool = False     # ``block_output`` lags ``preactivation``: the next score() derives it
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (N, C, H, W) channels-last, so that a convolution of it writes channels-last too. With one channel
-    both layouts are the same memory, but PyTorch keeps the NCHW strides and oneDNN then writes an NCHW
-    output: paper6's conv0 (the images) wrote its 16 channels NCHW, and the BN pass after it read them through
-    a channels-last copy (one chunk of 5000: conv0 + BN 172 ms with the copy, 70 ms without)."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    if x.dim() == 4 and x.shape[1] == 1 and x.stride(1) != 1:
-        x = x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), x.stride(3)))
-    return x
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -667,7 +657,7 @@ class FastEngine(ScoringEngine):
         convolutions channels-last (about twice the rate of NCHW for 16-channel 3x3 convs on CPU; the same
         values up to rounding), BN on this batch's statistics over every worker's share."""
         if isinstance(layer, nn.Conv2d):
-            return F.conv2d(_channels_last(x), layer.weight, layer.bias, layer.stride, layer.padding,
+            return F.conv2d(channels_last(x), layer.weight, layer.bias, layer.stride, layer.padding,
                             layer.dilation, layer.groups)
         if isinstance(layer, BATCHNORMS):
             return self.world.batch_norm(x, layer.weight, layer.bias, layer.eps)

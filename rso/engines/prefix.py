@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from rso.distributed import LOCAL, World
-from rso.engines.base import ChunkPartition, FixedStatistics, ScoringEngine, return_freed_memory, summed_cross_entropy
+from rso.engines.base import (ChunkPartition, FixedStatistics, ScoringEngine, channels_last, return_freed_memory,
+                              summed_cross_entropy)
 from rso.search.visit import SearchTarget
 
 
@@ -55,8 +56,8 @@ class PrefixCacheEngine(ScoringEngine):
             with self.world.batch_statistics(self.model, self.fixed):
                 for layer in self.prefix:
                     x = layer(x)
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if x.dim() == 4:    # (a one-channel input too: its conv then writes channels-last)
+                x = channels_last(x)
             cached = self.cache[chunk] = (x, self.labels[rows])
         return cached
 
