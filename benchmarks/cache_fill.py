@@ -1,4 +1,4 @@
-"""Time the fast engine's cache fill of paper6 sweeps in one process: ``begin_sweep`` and every chunk's caches
+"""Time the fast engine's cache fill of paper6 sweeps, in one process or N: ``begin_sweep`` and every chunk's caches
 (the layers below the searched one and up to the next linear layer), all 60,000 MNIST training examples at
 batch 5000, one thread per worker.
 

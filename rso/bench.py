@@ -409,7 +409,7 @@ def bench_case(name: str, batch_size: int, args, device: torch.device, ceiling: 
     # the fast engine on 1 and on N workers, alternated --repeats times: the machine's speed drifts over a
     # bench, and a ratio of two runs minutes apart carried that drift; the table shows each run's mean
     repeats = max(1, getattr(args, "repeats", 1))
-    fast = ["fast_1", f"fast_{n}"]
+    fast = list(dict.fromkeys(["fast_1", f"fast_{n}"]))     # (one entry with --workers 1)
     runs = {key: [] for key in fast}
     for repeat in range(repeats):
         for key in fast:
@@ -464,7 +464,7 @@ def table(case: dict) -> str:
                  f"prefix-cache {cycle['prefix']:.1f} s, reference {cycle['reference']:.0f} s "
                  f"({case['reference_per_visit_s']:.3f} s a visit, sampled)")
     runs_1, runs_n = (case["configurations"][key].get("cycle_runs_s", []) for key in ("fast_1", f"fast_{n}"))
-    if len(runs_1) > 1 and len(runs_1) == len(runs_n):
+    if n > 1 and len(runs_1) > 1 and len(runs_1) == len(runs_n):
         pairs = ", ".join(f"{one:.1f} / {many:.1f} s ({one / many:.2f}x)" for one, many in zip(runs_1, runs_n))
         lines.append(f"  fast 1 worker / {n} workers, run by run (alternated; the cycle above is their mean): {pairs}")
     for key, error in case.get("projection_vs_measured", {}).items():

@@ -295,9 +295,11 @@ def init_world(device: torch.device, rank: int | None = None, size: int | None =
 
 def _one_thread_gloo(rank: int, size: int, timeout: float):
     """A second gloo backend over the default group's store, with one worker thread where gloo's default
-    has two. The engines' gathers are small and many (about six a visit); on a 2-core machine a gather of
-    ~1 KB took 650-750 us and 470 us of CPU with two threads, 240 us and 170 us of CPU with one
-    (benchmarks/gloo_latency.py). ``RSO_GLOO_THREADS`` overrides the count (0: use the default group)."""
+    has two. The engines' gathers are small and many (about six a visit); on a 2-core machine an idle gather
+    of three candidates' statistics took 371-405 us and 266 us of CPU with one thread, 684-782 us and 436-531 us
+    with the default group (``python benchmarks/gloo_latency.py``). Its devices are the default group's:
+    ``GLOO_SOCKET_IFNAME``'s interfaces when set, else the host's default. ``RSO_GLOO_THREADS`` overrides the
+    count (0: the default group); every rank must see the same value."""
     import torch.distributed as dist
 
     threads = int(os.environ.get("RSO_GLOO_THREADS", "1"))
@@ -306,7 +308,9 @@ def _one_thread_gloo(rank: int, size: int, timeout: float):
     options = dist.ProcessGroupGloo._Options()
     options._threads = threads
     options._timeout = datetime.timedelta(seconds=timeout)
-    options._devices = [dist.ProcessGroupGloo.create_default_device()]
+    interfaces = [name for name in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if name]
+    options._devices = ([dist.ProcessGroupGloo.create_device(interface=name) for name in interfaces]
+                        or [dist.ProcessGroupGloo.create_default_device()])
     store = dist.PrefixStore("rso_gathers/", dist.distributed_c10d._get_default_store())
     return dist.ProcessGroupGloo(store, rank, size, options)
 
@@ -325,6 +329,7 @@ def close_world(world: World) -> None:
         return
     import torch.distributed as dist
 
+    world.group = None      # the gathers' own backend goes with its last reference
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
