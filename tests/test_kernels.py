@@ -218,22 +218,3 @@ def test_channel_ops_with_fixed_statistics_equal_torch(pool, dtype, rtol):
         want = layer(want)
     got = kernels.channel_ops(x, group, affine=kernels.fixed_affine(bn, mean, variance))
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(7, 16, 5, 3), (2, 3, 4, 4), (3, 2, 1, 1), (1, 1, 6, 6)])
-def test_nchw_in_place_matches_a_copy(shape, dtype):
-    """kernels.nchw_in_place (a cache fill's input rewritten NHWC -> NCHW over its own memory) against
-    ``contiguous()``; what it must not write over (a view into a larger tensor) is copied instead."""
-    from rso.engines.kernels import nchw_in_place
-
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
-    want = x.contiguous()
-    got = nchw_in_place(x)
-    assert got.is_contiguous() and got.shape == want.shape and torch.equal(got, want)
-    big = torch.randn(2 * shape[0], *shape[1:], dtype=dtype).contiguous(memory_format=torch.channels_last)
-    before = big.clone()
-    part = big[shape[0]:]                 # channels-last, but it shares its storage with the rest of big
-    got = nchw_in_place(part)
-    assert torch.equal(got, before[shape[0]:]) and torch.equal(big, before)

@@ -282,10 +282,7 @@ class FastEngine(ScoringEngine):
         upward = fold_pooled_convs(plan.layers[plan.searched:plan.next_index])
         y = self._forward(upward + ([] if plan.next_layer is None else [plan.next_layer]), x)
         if self._numba_path and x.dim() == 4:
-            # the one-channel passes read an input channel as a contiguous plane; x is this fill's own
-            # (a conv's or a channel group's fresh output, or an indexed copy of the images): rewritten in place
-            from rso.engines.kernels import nchw_in_place
-            x = nchw_in_place(x)
+            x = x.contiguous()     # the one-channel passes read an input channel as a contiguous plane
         return x, y
 
     def _forward(self, layers, x: torch.Tensor) -> torch.Tensor:

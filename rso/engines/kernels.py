@@ -368,35 +368,7 @@ def _one_output_channel_conv(inputs, weight, bias, padding, dilation, out):
                 out[i, y, x] = total[y * wide + x] + bias
 
 
-def _transpose_examples(data, n, pixels, channels):
-    """Each example's (pixels, channels) block of the flat ``data`` rewritten as (channels, pixels), in place:
-    NHWC -> NCHW one example at a time (through a copy of the example's block)."""
-    block = pixels * channels
-    for i in numba.prange(n):
-        start = i * block
-        copy = data[start:start + block].copy()
-        for p in range(pixels):
-            for k in range(channels):
-                data[start + k * pixels + p] = copy[p * channels + k]
-
-
-def nchw_in_place(x: torch.Tensor) -> torch.Tensor:
-    """The NCHW-contiguous (N, C, H, W) tensor of the channels-last ``x``, written over ``x``'s own memory,
-    which the caller gives up (``x`` reads wrong afterwards). A cache fill's input of the searched layer: a
-    copy made a second tensor of that size (250 MB for paper6's 28x28 inputs at batch 5000), whose fresh pages
-    cost more than the copy, and which stood beside the first at the fill's peak. Anything else: ``x.contiguous()``."""
-    if (x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
-            or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.requires_grad
-            or x.storage_offset() != 0 or x.untyped_storage().nbytes() != x.numel() * x.element_size()):
-        return x.contiguous()
-    n, c, h, w = x.shape
-    flat = x.permute(0, 2, 3, 1).reshape(-1)     # a view: the storage in order
-    _transpose_examples(flat.numpy(), n, h * w, c)
-    return x.as_strided((n, c, h, w), (c * h * w, h * w, w, 1))
-
-
 if numba is not None:
-    _transpose_examples = numba.njit(cache=True, parallel=True)(_transpose_examples)
     _add_taps = numba.njit(cache=True, inline="always")(_add_taps)
     _one_output_channel_conv = numba.njit(cache=True, parallel=True)(_one_output_channel_conv)
     _nan_max = numba.njit(cache=True, inline="always")(_nan_max)
