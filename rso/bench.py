@@ -408,7 +408,7 @@ def bench_case(name: str, batch_size: int, args, device: torch.device, ceiling: 
     results = {}
     # the fast engine on 1 and on N workers, alternated --repeats times: the machine's speed drifts over a
     # bench, and a ratio of two runs minutes apart carried that drift; the table shows each run's mean
-    repeats = max(1, getattr(args, "repeats", 1))
+    repeats = args.repeats
     fast = list(dict.fromkeys(["fast_1", f"fast_{n}"]))     # (one entry with --workers 1)
     runs = {key: [] for key in fast}
     for repeat in range(repeats):

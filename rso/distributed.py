@@ -150,12 +150,7 @@ class World:
         if self.size == 1:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
         mean, variance, count = local_moments(x)
-        mean, variance = self.combine_moments(count, mean, variance)
-        # half-precision inputs (autocast's suffix) normalize with float32 statistics, as their BN parameters are
-        stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        mean = torch.as_tensor(mean, dtype=torch.float64).to(x.device, stat)
-        variance = torch.as_tensor(variance, dtype=torch.float64).to(x.device, stat)
-        return F.batch_norm(x, mean, variance, weight, bias, False, 0.0, eps)
+        return _normalize(x, *self.combine_moments(count, mean, variance), weight, bias, eps)
 
     def batch_norm_columns(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                            eps: float) -> torch.Tensor:
@@ -166,12 +161,7 @@ class World:
         same path, so 1 and N workers run the same arithmetic."""
         column = x[:, :1]
         mean, variance, count = local_moments(column if column.is_contiguous() else column.contiguous())
-        mean, variance = self.combine_moments(count, mean, variance)
-        stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        columns = x.shape[1]
-        mean = torch.as_tensor(mean, dtype=torch.float64).reshape(1).to(x.device, stat).expand(columns)
-        variance = torch.as_tensor(variance, dtype=torch.float64).reshape(1).to(x.device, stat).expand(columns)
-        return F.batch_norm(x, mean, variance, weight, bias, False, 0.0, eps)
+        return _normalize(x, *self.combine_moments(count, mean, variance), weight, bias, eps)
 
     @contextlib.contextmanager
     def batch_statistics(self, model: nn.Module, fixed: dict | None = None) -> Iterator[None]:
@@ -232,6 +222,17 @@ class World:
             return rows
         n = rows.numel()
         return rows[n * self.rank // self.size:n * (self.rank + 1) // self.size]
+
+
+def _normalize(x: torch.Tensor, mean, variance, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    """``x`` (N, C, ...) normalized by the given per-channel statistics (float64, numpy or torch; one value is
+    every channel's): ``F.batch_norm`` in inference form. Half-precision inputs (autocast's suffix) normalize
+    with float32 statistics, as their BN parameters are."""
+    stat = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1).to(x.device, stat).expand(x.shape[1])
+    variance = torch.as_tensor(variance, dtype=torch.float64).reshape(-1).to(x.device, stat).expand(x.shape[1])
+    return F.batch_norm(x, mean, variance, weight, bias, False, 0.0, eps)
 
 
 def local_moments(x: torch.Tensor):
