@@ -303,7 +303,11 @@ def _one_thread_gloo(rank: int, size: int, timeout: float):
     count (0: the default group); every rank must see the same value."""
     import torch.distributed as dist
 
-    threads = int(os.environ.get("RSO_GLOO_THREADS", "1"))
+    text = os.environ.get("RSO_GLOO_THREADS", "1")
+    try:
+        threads = int(text)
+    except ValueError:
+        raise ValueError(f"RSO_GLOO_THREADS must be a whole number (0: the default group), got {text!r}") from None
     if threads <= 0:
         return None
     options = dist.ProcessGroupGloo._Options()

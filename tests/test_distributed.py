@@ -320,3 +320,9 @@ def test_workers_do_not_outlive_a_killed_launcher(tmp_path, data_dir):
     assert state["progress"]["cycle"] < 40
     assert main(["--resume", str(tmp_path / "orphaned"), "--cycles", str(state["progress"]["cycle"] + 1),
                  "--workers", "1", "--no-progress"]) == 0
+
+
+def test_a_bad_gloo_thread_count_is_named(monkeypatch):
+    monkeypatch.setenv("RSO_GLOO_THREADS", "two")
+    with pytest.raises(ValueError, match="RSO_GLOO_THREADS must be a whole number"):
+        distributed._one_thread_gloo(0, 2, 10.0)
